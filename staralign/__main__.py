@@ -1,0 +1,6 @@
+"""``python -m staralign ...`` (also what torchrun launches)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
