@@ -50,9 +50,31 @@ def coordinate_axes(height: int, width: int, device=None, dtype=None) -> tuple[T
     return xs, ys
 
 
-def _working_dtype(t: Tensor) -> Tensor:
-    # Half-precision sums over 4096 pixels lose too much; do the maths in fp32.
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+class _SaturatingUpcast(torch.autograd.Function):
+    """fp16/bf16 -> fp32 whose backward clamps the gradient into the input dtype's range.
+
+    STAR's gradient on a degenerate map (all zeros, a one-pixel spike) is large by
+    design (it divides by the map's mass and by sqrt(eigenvalue + 1e-5)); cast back
+    to fp16 it would overflow to inf.  Saturating keeps it finite and signed.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.in_dtype = t.dtype
+        return t.float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        limit = torch.finfo(ctx.in_dtype).max
+        return grad.clamp(-limit, limit).to(ctx.in_dtype)
+
+
+def upcast_half(t: Tensor) -> Tensor:
+    """Half-precision tensors to fp32 for reductions over thousands of pixels; others unchanged."""
+    return _SaturatingUpcast.apply(t) if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+_working_dtype = upcast_half
 
 
 def soft_argmax(heatmaps: Tensor) -> Tensor:
@@ -112,19 +134,21 @@ def heatmap_moments(heatmaps: Tensor, eps: float = COV_EPSILON) -> HeatmapMoment
     h = _working_dtype(heatmaps)
     height, width = h.shape[-2:]
     xs, ys = coordinate_axes(height, width, h.device, h.dtype)
-    mass = h.sum(dim=(-2, -1), keepdim=True).clamp(min=SUM_FLOOR)
-    p = h / mass
-    px = p.sum(dim=-2)  # (B, N, W) column marginal
-    py = p.sum(dim=-1)  # (B, N, H) row marginal
+    # The division by the mass is applied to the small reductions rather than to the
+    # whole map wherever the statistic is linear in h.
+    inv_mass = 1.0 / h.sum(dim=(-2, -1)).clamp(min=SUM_FLOOR)  # (B, N)
+    px = h.sum(dim=-2) * inv_mass.unsqueeze(-1)  # (B, N, W) column marginal of p
+    py = h.sum(dim=-1) * inv_mass.unsqueeze(-1)  # (B, N, H) row marginal of p
     mx = (px * xs).sum(-1)
     my = (py * ys).sum(-1)
     dx = xs - mx.unsqueeze(-1)  # (B, N, W)
     dy = ys - my.unsqueeze(-1)  # (B, N, H)
     cxx = (px * dx * dx).sum(-1)
     cyy = (py * dy * dy).sum(-1)
-    cxy = (torch.matmul(p, dx.unsqueeze(-1)).squeeze(-1) * dy).sum(-1)
+    cxy = (torch.matmul(h, dx.unsqueeze(-1)).squeeze(-1) * dy).sum(-1) * inv_mass
     v1 = px.sum(-1) + eps
-    v2 = (p * p).sum(dim=(-2, -1)) + eps
+    # Normalise before squaring so huge maps do not overflow.
+    v2 = (h * inv_mass[..., None, None]).square().sum(dim=(-2, -1)) + eps
     denom = v1 - v2 / v1
     cov = torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
     cov = cov / denom[..., None, None]

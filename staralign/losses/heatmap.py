@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..heatmaps import upcast_half
+
 
 class AWingLoss(nn.Module):
     """Adaptive Wing loss (Wang et al., ICCV 2019) with its foreground weight map.
@@ -34,8 +36,7 @@ class AWingLoss(nn.Module):
         return self.weight * (dilated >= self.weight_threshold).to(target.dtype) + 1
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        if pred.dtype in (torch.float16, torch.bfloat16):
-            pred, target = pred.float(), target.float()
+        pred = upcast_half(pred)
         target = target.to(pred.dtype)
         delta = (pred - target).abs()
         power = self.alpha - target
