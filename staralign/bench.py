@@ -12,6 +12,7 @@ takes the parsed arguments and returns the result dict.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -181,6 +182,310 @@ def bench_loss(args) -> dict:
         result["speedup_vs_reference_style"] = (
             result["reference_style"]["ms_median"] / result["staralign"]["ms_median"]
         )
+    return result
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def _infer_args(p) -> None:
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture and replay a CUDA graph")
+    p.add_argument("--nstack", type=int, default=4)
+    p.add_argument("--nlevels", type=int, default=4)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--points", type=int, default=98,
+                   help="landmarks: 98/68/29 use WFLW/300W/COFW, others a synthetic definition")
+    p.add_argument("--no-aam", action="store_true", help="without point/edge heads")
+    p.add_argument("--no-coord", action="store_true", help="without CoordConv")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+
+
+def _bench_definition(num_points: int):
+    """A built-in definition with this many points, else one open edge through all of them."""
+    from .definitions import DefinitionError, LandmarkDefinition, definition_for_num_points
+
+    try:
+        return definition_for_num_points(num_points)
+    except DefinitionError:
+        if num_points < 2:
+            raise SystemExit("staralign bench infer: --points must be at least 2") from None
+        return LandmarkDefinition.from_dict({
+            "name": f"synthetic{num_points}",
+            "num_points": num_points,
+            "edges": [{"closed": False, "indices": list(range(num_points))}],
+            "nme_default": {"left": 0, "right": num_points - 1},
+        })
+
+
+@bench("infer", _infer_args)
+def bench_infer(args) -> dict:
+    """Inference latency of the network (random weights), with optional speed paths."""
+    import copy
+
+    import torch
+
+    from .config import ConfigError, ModelConfig, to_dict
+    from .models import build_model
+    from .models.speed import make_inference_fn, max_landmark_difference
+
+    device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("staralign bench infer: --cuda-graphs needs --device cuda")
+    definition = _bench_definition(args.points)
+    config = ModelConfig(
+        definition=definition.name, nstack=args.nstack, nlevels=args.nlevels,
+        channels=args.channels, input_size=args.input_size,
+        use_aam=not args.no_aam, add_coord=not args.no_coord,
+    )
+    try:
+        torch.manual_seed(0)
+        model = build_model(config, definition).to(device).eval()
+    except ConfigError as exc:
+        raise SystemExit(f"staralign bench infer: {exc}") from None
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, args.input_size, args.input_size)
+    images = (torch.rand(shape, generator=gen) * 2 - 1).to(device)
+    speed_paths = {
+        "channels_last": args.channels_last, "amp": args.amp,
+        "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+    }
+    uses_speed_path = any(speed_paths.values())
+
+    result: dict[str, Any] = {
+        "bench": "infer",
+        "model": {**to_dict(config), "parameters": sum(p.numel() for p in model.parameters())},
+        "input_shape": list(shape),
+        "batch_size": args.batch_size,
+        "options": speed_paths,
+    }
+    result.update(device_info(device))
+    timing = {"iters": args.iters, "repeats": args.repeats, "warmup": args.warmup}
+
+    with torch.inference_mode():
+        if uses_speed_path:
+            # The fp32 eager baseline on the same input, before channels_last mutates a copy.
+            reference = model
+            eager = time_fn(lambda: reference(images, all_stacks=False), device, **timing)
+            model = copy.deepcopy(reference)
+        t0 = time.perf_counter()
+        fn = make_inference_fn(
+            model, channels_last=args.channels_last, amp=args.amp, compile=args.compile,
+            cuda_graphs=args.cuda_graphs, example=images,
+        )
+        fn(images)  # first call: compilation / capture
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        setup_s = time.perf_counter() - t0
+        latency = time_fn(lambda: fn(images), device, **timing)
+        result["latency_ms"] = {k: latency[k] for k in ("ms_median", "ms_min", "ms_max")}
+        result["timing"] = timing
+        result["images_per_s"] = args.batch_size * 1000.0 / latency["ms_median"]
+        result["setup_s"] = setup_s
+        if uses_speed_path:
+            result["max_abs_landmark_diff"] = max_landmark_difference(fn, reference, images)
+            result["eager_fp32_latency_ms"] = {k: eager[k] for k in ("ms_median", "ms_min", "ms_max")}
+            result["speedup_vs_eager_fp32"] = eager["ms_median"] / latency["ms_median"]
+        else:
+            result["max_abs_landmark_diff"] = None  # this run *is* the fp32 eager model
+    return result
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _data_args(p) -> None:
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--images", type=int, default=64, help="JPEG images generated")
+    p.add_argument("--size", type=int, default=512, help="side of the generated images")
+    p.add_argument("--definition", default="WFLW", help="landmark definition")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples timed per mode (default: 4 x images, at least 8 batches)")
+    p.add_argument("--profile-samples", type=int, default=32,
+                   help="samples timed stage by stage in this process (0 to skip)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _template_landmarks(definition, rng, size: float):
+    """Face-like landmarks for any definition: the longest open edge as a jaw-sized arc,
+    the other edges as small arcs and ellipses laid out inside the face (so curve lengths
+    and edge-map work are realistic), other points random inside the face."""
+    import numpy as np
+
+    pts = rng.uniform(0.3 * size, 0.7 * size, (definition.num_points, 2))
+    edges = list(definition.edges)
+    jaw = max((e for e in edges if not e.closed), key=lambda e: len(e.indices), default=None)
+    small = [e for e in edges if e is not jaw]
+    cols = max(1, int(np.ceil(np.sqrt(len(small)))))
+    for e in edges:
+        m = len(e.indices)
+        if e is jaw:
+            t = np.linspace(np.pi, 0.0, m)
+            xy = np.stack([0.5 + 0.28 * np.cos(t), 0.45 + 0.3 * np.sin(t)], 1)
+        else:
+            r, c = divmod(small.index(e), cols)
+            cx = 0.33 + 0.34 * c / max(cols - 1, 1)
+            cy = 0.3 + 0.4 * r / max(cols - 1, 1)
+            t = np.linspace(0.0, 2 * np.pi, m, endpoint=False) if e.closed else np.linspace(np.pi, 0.0, m)
+            xy = np.stack([cx + 0.08 * np.cos(t), cy + 0.03 * np.sin(t)], 1)
+        pts[list(e.indices)] = xy * size
+    return (pts + rng.normal(0.0, 0.005 * size, pts.shape)).astype(np.float32)
+
+
+def _write_bench_dataset(folder, definition, count: int, size: int, seed: int):
+    """``count`` photo-like random JPEGs (smooth colour fields plus grain) and a train.tsv."""
+    import cv2
+    import numpy as np
+
+    from .data.annotations import Annotation, five_points_from_landmarks, write_annotations
+
+    rng = np.random.default_rng(seed)
+    anns = []
+    for i in range(count):
+        low = rng.integers(0, 256, (max(2, size // 16), max(2, size // 16), 3), dtype=np.uint8)
+        img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        img = np.clip(img + rng.normal(0.0, 8.0, img.shape), 0, 255).astype(np.uint8)
+        name = f"{i:05d}.jpg"
+        cv2.imwrite(str(folder / name), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        face = rng.uniform(0.45, 0.7) * size
+        offset = rng.uniform(0.1 * size, size - face - 0.1 * size, 2)
+        lm = _template_landmarks(definition, rng, face) + offset.astype(np.float32)
+        (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+        five = five_points_from_landmarks(lm, definition.five_points) if definition.five_points else None
+        anns.append(Annotation(name, lm, float(min(x1 - x0, y1 - y0) / 200 * 1.05),
+                               (float(x0 + x1) / 2, float(y0 + y1) / 2), five))
+    write_annotations(folder / "train.tsv", anns)
+    return folder / "train.tsv"
+
+
+def _loader_rate(dataset, workers: int, batch_size: int, samples: int) -> dict[str, Any]:
+    """Samples per second of a DataLoader over ``dataset`` after warm-up (worker start-up and
+    one batch per worker are not timed)."""
+    import cv2
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data.dataset import collate_samples, worker_init_fn
+
+    warm = max(1, workers) * batch_size
+    order = [i % len(dataset) for i in range(warm + samples)]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                        collate_fn=collate_samples, worker_init_fn=worker_init_fn if workers else None)
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    if workers == 0:  # the main process is the one core doing the work
+        worker_init_fn(0)
+    try:
+        seen, start = 0, None
+        for batch in loader:
+            seen += batch["image"].shape[0]
+            if start is None and seen >= warm:
+                start, seen = time.perf_counter(), 0
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    rate = seen / elapsed
+    return {"samples": seen, "seconds": elapsed, "samples_per_s": rate,
+            "samples_per_s_per_core": rate / max(1, workers)}
+
+
+def _stage_profile(dataset, count: int) -> dict[str, float]:
+    """Milliseconds per sample of each stage of a worker-side train sample, in this process."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from .data.dataset import sample_rng, worker_init_fn
+    from .data.targets import edge_maps, point_maps
+    from .data.transforms import apply_texture, image_to_tensor, normalize_points, transform_points, warp_image
+
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    worker_init_fn(0)
+    totals = dict.fromkeys(("decode", "geometry_warp", "texture", "to_tensor", "point_maps",
+                            "edge_maps"), 0.0)
+    try:
+        for k in range(count):
+            i = k % len(dataset)
+            t0 = time.perf_counter()
+            image = dataset.load_image(i)
+            t1 = time.perf_counter()
+            image_m, point_m, _, _ = dataset.geometry_of(i, image.shape[1])
+            pts = transform_points(dataset.items[i].landmarks, point_m)
+            crop = warp_image(image, image_m, dataset.input_size)
+            t2 = time.perf_counter()
+            crop = apply_texture(crop, sample_rng(dataset.seed, 0, i), dataset.texture)
+            t3 = time.perf_counter()
+            image_to_tensor(crop)
+            normalize_points(pts, dataset.input_size)
+            t4 = time.perf_counter()
+            point_maps(pts, dataset.input_size, dataset.heatmap_size)
+            t5 = time.perf_counter()
+            edge_maps(np.asarray(pts), dataset.definition, dataset.input_size, dataset.heatmap_size)
+            t6 = time.perf_counter()
+            for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5), strict=True):
+                totals[key] += dt
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+    out = {k: v * 1000 / count for k, v in totals.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+@bench("data", _data_args)
+def bench_data(args) -> dict:
+    """Train-mode data loading on generated JPEGs: samples/s and per core, worker vs device targets."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .data.dataset import LandmarkDataset
+    from .data.targets import edge_maps_torch, point_maps_torch
+    from .definitions import get_definition
+
+    if args.images < 1 or args.workers < 0 or args.batch_size < 1:
+        raise SystemExit("staralign bench data: --images and --batch-size must be >= 1, --workers >= 0")
+    device = resolve_device(args.device)
+    definition = get_definition(args.definition)
+    samples = args.samples or max(4 * args.images, 8 * args.batch_size)
+    result: dict[str, Any] = {
+        "bench": "data", "definition": definition.name, "workers": args.workers, "images": args.images,
+        "image_size": args.size, "batch_size": args.batch_size, "samples_timed": samples,
+        "input_size": 256, "heatmap_size": 64, "mode": "train", "cpu_cores": os.cpu_count(),
+    }
+    result.update(device_info(torch.device("cpu")))
+    with tempfile.TemporaryDirectory(prefix="staralign-bench-data-") as tmp:
+        folder = Path(tmp)
+        tsv = _write_bench_dataset(folder, definition, args.images, args.size, args.seed)
+        for mode, key in (("worker", "worker_targets"), ("none", "device_targets")):
+            ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed, targets=mode)
+            result[key] = _loader_rate(ds, args.workers, args.batch_size, samples)
+        if args.profile_samples > 0:
+            ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed)
+            result["profile_ms_per_sample"] = _stage_profile(ds, args.profile_samples)
+        # The device-side targets themselves, for one batch on --device.
+        rng = np.random.default_rng(args.seed)
+        pts = torch.from_numpy(np.stack([_template_landmarks(definition, rng, 150.0) + 53.0
+                                         for _ in range(args.batch_size)])).to(device)
+        threads = torch.get_num_threads()
+        if device.type == "cpu":  # one core, like the per-core loader figures
+            torch.set_num_threads(1)
+        try:
+            timing = time_fn(lambda: (point_maps_torch(pts), edge_maps_torch(pts, definition)), device,
+                             warmup=1, iters=2, repeats=3)
+        finally:
+            torch.set_num_threads(threads)
+        result["device_targets_ms_per_batch"] = {
+            "device": str(device), "threads": 1 if device.type == "cpu" else None, **timing}
     return result
 
 
