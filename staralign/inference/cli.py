@@ -1,0 +1,334 @@
+"""``staralign predict`` (landmarks on photos, folders and videos) and ``staralign export`` (ONNX).
+
+``predict`` writes annotated copies under ``--out-dir`` (folders mirrored, videos
+as videos with the same frame count and rate) and one JSON file of every face
+(``--json``; ``-`` for standard output).  An input that cannot be read is named
+on standard error and skipped; the exit status is then 1.  ``.onnx`` weights run
+with onnxruntime and never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_export", "run_predict"]
+
+DETECTOR_CHOICES = ("opencv", "none", "dlib", "mediapipe")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``predict`` and ``export`` to the ``staralign`` parser."""
+    p = subparsers.add_parser(
+        "predict", help="find faces and landmarks in images, folders and videos",
+        description="Find faces and their landmarks in images, folders (searched recursively) and "
+                    "videos; write annotated copies and/or one JSON file.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image, video or folder")
+    p.add_argument("--weights", required=True, metavar="CKPT",
+                   help="official .pkl, staralign .safetensors, or an exported .onnx (no torch needed)")
+    p.add_argument("--detector", choices=DETECTOR_CHOICES, default="opencv",
+                   help="face detector: opencv (Haar cascade, no download; default), none (each image is "
+                        "one cropped face), dlib or mediapipe (if installed)")
+    p.add_argument("--box", action="append", metavar="x1,y1,x2,y2",
+                   help="face box in pixels, used instead of the detector on every input (repeat for several)")
+    p.add_argument("--format", default="native", metavar="native|68",
+                   help="landmark layout of the output: the model's own, or 68 (300W points from a WFLW model)")
+    p.add_argument("--json", metavar="OUT", help="write every face to this JSON file ('-': standard output)")
+    p.add_argument("--out-dir", metavar="DIR", help="write annotated images and videos here")
+    p.add_argument("--ambiguity", action="store_true",
+                   help="include per-landmark ambiguity (heatmap spread, pixels) in the JSON")
+    p.add_argument("--draw-ambiguity", action="store_true",
+                   help="draw ambiguity ellipses (1 standard deviation); implies --ambiguity")
+    p.add_argument("--draw-indices", action="store_true", help="number the landmarks in the drawings")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="PyTorch device")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow checkpoints that need full unpickling (can run code: trusted files only)")
+    p.add_argument("--ema", action="store_true", help="use a training checkpoint's EMA weights")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="faces per network call (default 8)")
+    p.set_defaults(func=run_predict)
+
+    e = subparsers.add_parser(
+        "export", help="export a model to ONNX, checked against PyTorch with onnxruntime",
+        description="Export to one self-contained .onnx file (landmark definition and input size in its "
+                    "metadata) and check it against PyTorch with onnxruntime; exit 1 if they differ.")
+    e.add_argument("--weights", required=True, metavar="CKPT", help="official .pkl or staralign .safetensors")
+    e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
+    e.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
+    e.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 18)")
+    e.add_argument("--with-ambiguity", action="store_true",
+                   help="also output the heatmap covariance and its eigen-decomposition (computed in the graph)")
+    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript is faster but deprecated)")
+    e.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest landmark difference accepted, normalised units (default 1e-4)")
+    e.add_argument("--allow-pickle", action="store_true", help="see 'predict --allow-pickle'")
+    e.add_argument("--ema", action="store_true", help="export a training checkpoint's EMA weights")
+    e.set_defaults(func=run_export)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    from ..cli import UserError
+
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
+        raise UserError(f"--box {text!r}: expected x1,y1,x2,y2 with x2 > x1 and y2 > y1")
+    return values[0], values[1], values[2], values[3]
+
+
+class _Outputs:
+    """Where annotated copies go: the input's path relative to its folder, made unique."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.out_dir, self.used = out_dir, set()
+
+    def path_for(self, relative: Path, suffix: str | None = None) -> Path | None:
+        if self.out_dir is None:
+            return None
+        target = self.out_dir / (relative.with_suffix(suffix) if suffix else relative)
+        stem, k = target.with_suffix(""), 1
+        while target in self.used:
+            target = stem.with_name(f"{stem.name}_{k}").with_suffix(target.suffix)
+            k += 1
+        self.used.add(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+class _Predictor:
+    def __init__(self, args: argparse.Namespace, det: Any, boxes: list | None) -> None:
+        from ..definitions import get_definition
+
+        self.args, self.det, self.boxes = args, det, boxes
+        self.ambiguity = bool(args.ambiguity or args.draw_ambiguity)
+        self.layout = get_definition(det.format) if det.format != det.definition.name else det.definition
+        self.outputs = _Outputs(Path(args.out_dir) if args.out_dir else None)
+
+    def draw(self, image: Any, faces: list) -> Any:
+        from ..viz import PALETTE, draw_landmarks
+
+        for k, face in enumerate(faces):
+            draw_landmarks(image, face.landmarks, box=face.box,
+                           ambiguity=face.ambiguity if self.args.draw_ambiguity else None,
+                           definition=self.layout, indices=self.args.draw_indices, color=PALETTE[k % len(PALETTE)],
+                           label=None if face.score is None else f"{face.score:.2f}", copy=False)
+        return image
+
+    def faces_json(self, faces: list) -> list[dict]:
+        return [f.to_dict(ambiguity=self.ambiguity) for f in faces]
+
+    def images(self, items: list, errors: list, records: list, progress: Any) -> None:
+        import cv2
+
+        from .inputs import ImageReadError, load_image
+
+        step = max(1, self.args.batch_size)
+        for start in range(0, len(items), step):
+            chunk, loaded = items[start:start + step], []
+            for item in chunk:
+                try:
+                    loaded.append((item, load_image(item.path)))
+                except ImageReadError as exc:
+                    errors.append({"path": str(item.path), "error": exc.reason})
+                    progress.update(1)
+            if not loaded:
+                continue
+            found = self.det.detect_batch([im for _, im in loaded], boxes=[self.boxes] * len(loaded),
+                                          ambiguity=self.ambiguity)
+            for (item, image), faces in zip(loaded, found, strict=True):
+                record: dict[str, Any] = {"path": str(item.path), "type": "image", "width": image.shape[1],
+                                          "height": image.shape[0], "faces": self.faces_json(faces)}
+                target = self.outputs.path_for(item.relative)
+                if target is not None:
+                    drawn = self.draw(image, faces)
+                    try:
+                        ok = cv2.imwrite(str(target), drawn)
+                    except cv2.error:
+                        ok = False
+                    if not ok:  # an extension OpenCV cannot write: PNG instead
+                        target = target.with_suffix(".png")
+                        cv2.imwrite(str(target), drawn)
+                    record["output"] = str(target)
+                records.append(record)
+                progress.update(1)
+
+    def video(self, item: Any, errors: list, records: list) -> None:
+        import cv2
+
+        cap = cv2.VideoCapture(str(item.path))
+        if not cap.isOpened():
+            errors.append({"path": str(item.path), "error": "not a readable video (OpenCV cannot open it)"})
+            return
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        fps = float(fps) if fps and fps > 0 and fps < 1000 else 25.0
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        from .inputs import ImageReadError, check_size
+
+        try:
+            check_size(width, height, item.path)
+        except ImageReadError as exc:
+            cap.release()
+            errors.append({"path": str(item.path), "error": exc.reason})
+            return
+        writer, target = None, None
+        if self.outputs.out_dir is not None:
+            writer, target = self._writer(item, fps, width, height)
+            if writer is None:
+                cap.release()
+                errors.append({"path": str(item.path), "error": "cannot write an annotated video (no codec)"})
+                return
+        frames: list[dict] = []
+        batch: list = []
+
+        def flush() -> None:
+            found = self.det.detect_batch(batch, boxes=[self.boxes] * len(batch), ambiguity=self.ambiguity)
+            for frame, faces in zip(batch, found, strict=True):
+                index = len(frames)
+                frames.append({"index": index, "time": round(index / fps, 4), "faces": self.faces_json(faces)})
+                if writer is not None:
+                    writer.write(self.draw(frame, faces))
+            batch.clear()
+
+        try:
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                batch.append(frame)
+                if len(batch) >= max(1, self.args.batch_size):
+                    flush()
+            if batch:
+                flush()
+        finally:
+            cap.release()
+            if writer is not None:
+                writer.release()
+        record: dict[str, Any] = {"path": str(item.path), "type": "video", "width": width, "height": height,
+                                  "fps": fps, "frame_count": len(frames), "frames": frames}
+        if target is not None:
+            record["output"] = str(target)
+        records.append(record)
+
+    def _writer(self, item: Any, fps: float, width: int, height: int) -> tuple[Any, Path | None]:
+        import cv2
+
+        # MPEG-4 in .mp4 where OpenCV has it; Motion-JPEG in .avi works in every OpenCV build.
+        choices = [(".avi", "MJPG")] if item.path.suffix.lower() == ".avi" else [(".mp4", "mp4v"), (".avi", "MJPG")]
+        for suffix, codec in choices:
+            target = self.outputs.path_for(item.relative, suffix)
+            writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+            if writer.isOpened():
+                return writer, target
+            writer.release()
+            target.unlink(missing_ok=True)
+        return None, None
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``staralign predict``: see the module docstring."""
+    from ..cli import UserError
+    from .detector import LandmarkDetector
+    from .faces import FaceDetectorError
+    from .inputs import collect_inputs
+
+    boxes = [_parse_box(b) for b in args.box] if args.box else None
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    items, missing = collect_inputs(args.inputs)
+    errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
+    detector = None
+    try:
+        det = LandmarkDetector.from_checkpoint(
+            args.weights, device=args.device, detector=args.detector, allow_pickle=args.allow_pickle,
+            ema=args.ema, format=args.format, batch_size=args.batch_size)
+        if boxes is None:
+            detector = det.face_detector  # fail here, once, if it is unavailable
+    except (ValueError, FaceDetectorError, OSError) as exc:
+        raise UserError(str(exc)) from exc
+    predictor = _Predictor(args, det, boxes)
+    records: list[dict] = []
+    images = [i for i in items if i.kind == "image"]
+    videos = [i for i in items if i.kind == "video"]
+    from tqdm import tqdm
+
+    with tqdm(total=len(images), unit="image", disable=len(images) < 2 or None, file=sys.stderr) as progress:
+        predictor.images(images, errors, records, progress)
+    for item in tqdm(videos, unit="video", disable=len(videos) < 2 or None, file=sys.stderr):
+        predictor.video(item, errors, records)
+
+    order = {str(i.path): k for k, i in enumerate(items)}
+    records.sort(key=lambda r: order.get(r["path"], 0))
+    report = {
+        "staralign": _version(),
+        "weights": str(args.weights),
+        "backend": det.backend.name,
+        "detector": "box" if boxes is not None else getattr(detector, "name", type(detector).__name__),
+        "layout": predictor.layout.name,
+        "num_points": predictor.layout.num_points,
+        "coordinates": "pixels of the original image, (x, y), pixel centres at integers",
+        "inputs": records,
+        "errors": errors,
+    }
+    if args.json == "-":
+        json.dump(report, sys.stdout)
+        sys.stdout.write("\n")
+    elif args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report), encoding="utf-8")
+    for err in errors:
+        print(f"staralign predict: skipped {err['path']}: {err['error']}", file=sys.stderr)
+    n_faces = sum(len(r["faces"]) for r in records if r["type"] == "image")
+    n_faces += sum(len(f["faces"]) for r in records if r["type"] == "video" for f in r["frames"])
+    print(f"staralign predict: {len(records)} input(s), {n_faces} face(s)"
+          + (f", {len(errors)} skipped" if errors else ""), file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- export
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``staralign export``: write the ONNX file, check it, say how close it is."""
+    from ..cli import UserError
+
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs onnx and onnxruntime: pip install 'staralign[onnx]' ({exc})") from exc
+    from ..models import load_model
+    from .export import DEFAULT_OPSET, export_onnx
+
+    try:
+        model = load_model(args.weights, ema=args.ema, allow_pickle=args.allow_pickle)
+    except ValueError as exc:  # CheckpointError, DefinitionError
+        raise UserError(str(exc)) from exc
+    out = Path(args.onnx)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report = export_onnx(model, out, dynamic_batch=args.dynamic_batch, opset=args.opset or DEFAULT_OPSET,
+                             with_ambiguity=args.with_ambiguity, exporter=args.exporter,
+                             tolerance=args.tolerance)
+    except Exception as exc:  # the exporters raise many types; name the model and the cause
+        raise UserError(f"{args.weights}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
+    print(f"wrote {out} (opset {report.opset}, {report.exporter} exporter, "
+          f"{'dynamic' if report.dynamic_batch else 'fixed'} batch, outputs: {', '.join(report.outputs)})")
+    moments = "".join(f", {k} {v:.2e}" for k, v in report.moment_differences.items())
+    verdict = "OK" if report.passed else "FAILED"
+    print(f"onnxruntime vs PyTorch on batch {report.checked_batches}: max landmark difference "
+          f"{report.max_difference:.2e} (tolerance {report.tolerance:g}){moments}: {verdict}")
+    return 0 if report.passed else 1

@@ -1,0 +1,297 @@
+"""Landmarks on photos in three lines: :class:`LandmarkDetector`.
+
+::
+
+    from staralign import LandmarkDetector
+    det = LandmarkDetector.from_checkpoint("WFLW_STARLoss_NME_4_02_FR_2_32_AUC_0_605.pkl")
+    faces = det.detect("photo.jpg")          # [Face(box, landmarks, score, ambiguity)]
+
+Steps per image: find faces (:mod:`~staralign.inference.faces`), frame each box
+like the training crops, warp it to the network's input, run the network
+(PyTorch, or onnxruntime for ``.onnx`` files), and map the landmarks and their
+heatmap covariances back to the original image's pixels.  This module imports
+neither torch nor onnxruntime itself: the backend does, so the ONNX path runs
+without torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..definitions import LandmarkDefinition
+from . import geometry
+from .faces import FaceDetector, FixedBoxes, framing_of, get_face_detector
+from .inputs import as_bgr
+
+__all__ = ["FORMAT_ALIASES", "Ambiguity", "Backend", "Face", "LandmarkDetector"]
+
+# Output layouts by a friendlier name: ``format="68"`` is 300W's 68 points.
+FORMAT_ALIASES = {"68": "300W", "98": "WFLW", "29": "COFW"}
+
+
+class Backend(Protocol):
+    """What runs the network: normalised crops in, normalised landmarks and covariances out."""
+
+    name: str
+    definition: LandmarkDefinition
+    input_size: int
+    has_ambiguity: bool
+    conversions: dict[str, np.ndarray]
+
+    def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+@dataclass
+class Ambiguity:
+    """How uncertain each landmark is, from the spread of its predicted heatmap, in image pixels.
+
+    STAR's premise is that a landmark on a contour (jaw, brow, lip) is ambiguous
+    along the contour: its heatmap stretches along the tangent.  ``major`` and
+    ``minor`` are the standard deviations (pixels of the original image) along the
+    heatmap's principal axes, ``tangent`` the unit (x, y) direction of the major
+    axis (sign normalised to x >= 0), ``covariance`` the full 2x2 matrix in pixels
+    squared.  The heatmap's spread includes the width of the training targets,
+    so read it as relative (which points, which direction), not as a calibrated
+    error bar.
+    """
+
+    major: np.ndarray  # (N,) px
+    minor: np.ndarray  # (N,) px
+    tangent: np.ndarray  # (N, 2) unit vectors
+    covariance: np.ndarray  # (N, 2, 2) px^2
+
+    @classmethod
+    def from_covariance(cls, covariance: np.ndarray) -> Ambiguity:
+        cov = np.asarray(covariance, np.float64)
+        evals, evecs = geometry.eigh2x2(cov)
+        tangent = evecs[..., :, 1]
+        flip = (tangent[..., 0] < 0) | ((tangent[..., 0] == 0) & (tangent[..., 1] < 0))
+        tangent = np.where(flip[..., None], -tangent, tangent)
+        evals = np.clip(evals, 0.0, None)
+        return cls(np.sqrt(evals[..., 1]), np.sqrt(evals[..., 0]), tangent, cov)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "major_std": _round(self.major),
+            "minor_std": _round(self.minor),
+            "tangent": _round(self.tangent, 5),
+        }
+
+
+def _round(a: np.ndarray, digits: int = 3) -> list:
+    return np.round(np.asarray(a, np.float64), digits).tolist()
+
+
+@dataclass
+class Face:
+    """One face: the detector's ``box`` (x1, y1, x2, y2), ``landmarks`` (N, 2) in original image
+    pixels (pixel centres at integers), the detector's ``score`` (None for given boxes), the
+    per-landmark ``ambiguity`` (None when not computed), the landmark ``layout`` name, and the
+    crop the network saw (``scale``, ``center``: the dataset's convention)."""
+
+    box: tuple[float, float, float, float]
+    landmarks: np.ndarray
+    score: float | None = None
+    ambiguity: Ambiguity | None = None
+    layout: str = ""
+    scale: float = 0.0
+    center: tuple[float, float] = field(default=(0.0, 0.0))
+
+    def to_dict(self, ambiguity: bool = True) -> dict[str, Any]:
+        """Plain JSON types: lists of floats, None as null."""
+        out: dict[str, Any] = {
+            "box": [round(float(v), 2) for v in self.box],
+            "score": None if self.score is None else round(float(self.score), 4),
+            "layout": self.layout,
+            "landmarks": _round(self.landmarks),
+            "crop": {"scale": round(float(self.scale), 5), "center": [round(float(c), 3) for c in self.center]},
+        }
+        if ambiguity and self.ambiguity is not None:
+            out["ambiguity"] = self.ambiguity.to_dict()
+        return out
+
+
+def _canonical_format(fmt: str | None, native: str) -> str:
+    if fmt is None or fmt == "native" or str(fmt).upper() == native.upper():
+        return native
+    return FORMAT_ALIASES.get(str(fmt), str(fmt)).upper()
+
+
+def _boxes_of(box: Any) -> list[tuple[float, float, float, float]] | None:
+    """None, one box (4 numbers) or several -> a list of boxes (validated)."""
+    if box is None:
+        return None
+    return FixedBoxes(box).boxes
+
+
+class LandmarkDetector:
+    """Faces and landmarks in photos and video frames, with no download beyond the weights.
+
+    Build it with :meth:`from_checkpoint` (official ``.pkl``, staralign
+    ``.safetensors`` or exported ``.onnx``), :meth:`from_onnx` or :meth:`from_model`.
+    ``detector`` is a face detector name (``"opencv"``, ``"none"``, ``"dlib"``,
+    ``"mediapipe"``) or any callable ``image -> [(box, score)]``; it is created when
+    first needed, so an image with a given ``box`` never needs it.  ``format`` is
+    the default output layout: ``"native"`` or ``"68"`` (300W's points from a WFLW model).
+    """
+
+    def __init__(self, backend: Backend, detector: str | FaceDetector | None = "opencv",
+                 format: str = "native", batch_size: int = 8, ambiguity: bool = True) -> None:
+        self.backend = backend
+        self._detector_spec = detector
+        self._detector: FaceDetector | None = None
+        self.format = _canonical_format(format, backend.definition.name)
+        self.batch_size = max(1, int(batch_size))
+        self.ambiguity = bool(ambiguity)
+        if self.format != backend.definition.name:
+            self._conversion(self.format)  # fail now on an unknown layout
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
+                        detector: str | FaceDetector | None = "opencv", allow_pickle: bool = False,
+                        ema: bool = False, format: str = "native", definition: Any = None,
+                        batch_size: int = 8) -> LandmarkDetector:
+        """From a weights file; ``.onnx`` files go to :meth:`from_onnx` (no torch needed)."""
+        if Path(path).suffix.lower() == ".onnx":
+            return cls.from_onnx(path, detector=detector, format=format, batch_size=batch_size)
+        from .torch_backend import TorchBackend
+
+        backend = TorchBackend.from_checkpoint(path, device=device, allow_pickle=allow_pickle, ema=ema,
+                                               definition=definition)
+        return cls(backend, detector=detector, format=format, batch_size=batch_size)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, detector: str | FaceDetector | None = "opencv",
+                  format: str = "native", providers: list[str] | None = None,
+                  batch_size: int = 8) -> LandmarkDetector:
+        """From a file written by ``staralign export``, run by onnxruntime; never imports torch."""
+        from .onnx_backend import OnnxBackend
+
+        return cls(OnnxBackend(path, providers=providers), detector=detector, format=format,
+                   batch_size=batch_size)
+
+    @classmethod
+    def from_model(cls, model: Any, device: str = "auto", detector: str | FaceDetector | None = "opencv",
+                   format: str = "native", batch_size: int = 8) -> LandmarkDetector:
+        """From a network already in memory (e.g. right after training)."""
+        from .torch_backend import TorchBackend
+
+        return cls(TorchBackend(model, device), detector=detector, format=format, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def definition(self) -> LandmarkDefinition:
+        """The network's landmark layout (before any ``format`` conversion)."""
+        return self.backend.definition
+
+    @property
+    def input_size(self) -> int:
+        return self.backend.input_size
+
+    @property
+    def face_detector(self) -> FaceDetector:
+        """The face detector, created on first use (raises FaceDetectorError if unavailable)."""
+        if self._detector is None:
+            self._detector = get_face_detector(self._detector_spec)
+        return self._detector
+
+    # ------------------------------------------------------------------ detection
+
+    def find_faces(self, image: np.ndarray, box: Any = None) -> list[tuple[tuple[float, ...], float | None]]:
+        """``(box, score)`` of the faces in a BGR image: the given boxes, or the detector's."""
+        boxes = _boxes_of(box)
+        if boxes is not None:
+            return [(b, None) for b in boxes]
+        return list(self.face_detector(image))
+
+    def detect(self, image: Any, color: str = "bgr", box: Any = None, format: str | None = None,
+               ambiguity: bool | None = None) -> list[Face]:
+        """Faces in one image: a path, an array (``color`` ``"bgr"`` or ``"rgb"``) or a PIL image.
+
+        ``box``: one box (x1, y1, x2, y2) or a list of them, used instead of the face
+        detector (dataset-style boxes).  No face found gives ``[]``.
+        """
+        return self.detect_batch([image], color=color, boxes=[box], format=format, ambiguity=ambiguity)[0]
+
+    def detect_batch(self, images: Sequence[Any], color: str = "bgr", boxes: Sequence[Any] | None = None,
+                     format: str | None = None, ambiguity: bool | None = None) -> list[list[Face]]:
+        """Faces in many images, with the network run on batches of ``batch_size`` crops.
+
+        ``boxes``: None, or one entry per image (None, a box, or a list of boxes).
+        """
+        if boxes is not None and len(boxes) != len(images):
+            raise ValueError(f"boxes: one entry per image expected, got {len(boxes)} for {len(images)} images")
+        want_amb = self.ambiguity if ambiguity is None else bool(ambiguity)
+        size = self.input_size
+        bgr = [as_bgr(im, color) for im in images]
+        jobs: list[tuple[int, tuple, float | None, np.ndarray, float, tuple[float, float]]] = []
+        for i, image in enumerate(bgr):
+            given = boxes[i] if boxes is not None else None
+            framing = framing_of(self.face_detector) if given is None else None
+            for found, score in self.find_faces(image, given):
+                crop_box = framing.apply(found) if framing is not None else found
+                scale, center = geometry.box_to_crop(crop_box)
+                jobs.append((i, tuple(float(v) for v in found), score,
+                             geometry.crop_matrix(scale, center, size), scale, center))
+        results: list[list[Face]] = [[] for _ in images]
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            batch = geometry.crops_to_input([geometry.crop_image(bgr[j[0]], j[3], size) for j in chunk])
+            landmarks, cov = self.backend.run(batch, want_amb)
+            for k, (i, found, score, matrix, scale, center) in enumerate(chunk):
+                amb = None
+                if cov is not None:
+                    amb = Ambiguity.from_covariance(geometry.covariance_to_image(cov[k], matrix, size))
+                face = Face(found, geometry.points_to_image(landmarks[k], matrix, size), score, amb,
+                            self.definition.name, float(scale), (float(center[0]), float(center[1])))
+                results[i].append(face)
+        target = _canonical_format(format, self.format) if format is not None else self.format
+        if target != self.definition.name:
+            results = [self.convert(faces, target) for faces in results]
+        return results
+
+    # ------------------------------------------------------------------ layouts
+
+    def _conversion(self, target: str) -> np.ndarray:
+        src = self.definition.name.upper()
+        if target in self.backend.conversions:
+            return self.backend.conversions[target]
+        try:
+            from ..data.landmark_formats import conversion_matrix
+        except ImportError as exc:  # the data package needs torch; ONNX files carry their own
+            raise ValueError(f"no stored conversion {src}->{target} in this model file, and "
+                             f"staralign.data.landmark_formats cannot be imported ({exc})") from exc
+        try:
+            return conversion_matrix(src, target)
+        except KeyError as exc:
+            raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None
+
+    def convert(self, faces: Sequence[Face], format: str) -> list[Face]:
+        """The same faces in another layout, e.g. ``"68"`` (300W) from a 98-point WFLW model.
+
+        Points are weighted sums of the model's points (``staralign.data.landmark_formats``);
+        covariances follow as ``sum w^2 C`` (errors taken as independent).
+        """
+        target = _canonical_format(format, self.definition.name)
+        out = []
+        for face in faces:
+            if face.layout.upper() == target:
+                out.append(face)
+                continue
+            if face.layout.upper() != self.definition.name.upper():
+                raise ValueError(f"cannot convert a {face.layout} face with a {self.definition.name} model")
+            m = self._conversion(target)
+            amb = None
+            if face.ambiguity is not None:
+                amb = Ambiguity.from_covariance(np.einsum("ij,jkl->ikl", m * m, face.ambiguity.covariance))
+            out.append(Face(face.box, m @ face.landmarks, face.score, amb, target, face.scale, face.center))
+        return out

@@ -1,0 +1,118 @@
+"""Face box -> model crop -> image pixels, in numpy only (the ONNX path must not import torch).
+
+The conventions are the dataset's (``staralign.data.transforms`` and the
+converters), repeated here without their torch import; ``tests/test_inference.py``
+checks that both give the same numbers, so they cannot drift apart:
+
+* points are (x, y) with integer values at pixel centres; a box ``(x1, y1, x2, y2)``
+  is in the same frame, so the box of a whole W x H image is
+  ``(-0.5, -0.5, W - 0.5, H - 0.5)``;
+* ``scale = min(x2 - x1, y2 - y1) / 200 * 1.05``, centre = box centre;
+* the crop scales by ``S / (scale * 200)`` about the centre and puts it at
+  ``((S - 1) / 2, (S - 1) / 2)``; the image is warped with OpenCV's bilinear
+  ``warpAffine``, black outside;
+* the network's normalised landmarks ``n`` are crop pixels ``((n + 1) S - 1) / 2``
+  (align_corners=False), so one normalised unit is ``S / 2`` crop pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "BOX_MARGIN",
+    "FACE_SIZE",
+    "box_to_crop",
+    "covariance_to_image",
+    "crop_image",
+    "crop_matrix",
+    "crops_to_input",
+    "denormalize_points",
+    "eigh2x2",
+    "points_to_image",
+    "whole_image_box",
+]
+
+BOX_MARGIN = 1.05  # the authors' margin on the face box
+FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
+
+Box = tuple[float, float, float, float]
+
+
+def whole_image_box(width: int, height: int) -> Box:
+    """The box covering every pixel of a ``width`` x ``height`` image (pixel-centre frame)."""
+    return (-0.5, -0.5, width - 0.5, height - 0.5)
+
+
+def box_to_crop(box: Sequence[float]) -> tuple[float, tuple[float, float]]:
+    """Face box -> (scale, centre), exactly as the dataset converters compute them."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = min(x2 - x1, y2 - y1)
+    if not side > 0:
+        raise ValueError(f"face box {tuple(box)} is empty (x2 <= x1 or y2 <= y1)")
+    return side / FACE_SIZE * BOX_MARGIN, ((x1 + x2) / 2.0, (y1 + y2) / 2.0)
+
+
+def crop_matrix(scale: float, center: Sequence[float], size: int) -> np.ndarray:
+    """(3, 3) float64 map from image pixels to the ``size`` x ``size`` crop."""
+    zoom = size / (scale * FACE_SIZE)
+    half = (size - 1) / 2.0
+    cx, cy = float(center[0]), float(center[1])
+    return np.array([[zoom, 0.0, half - zoom * cx], [0.0, zoom, half - zoom * cy], [0.0, 0.0, 1.0]])
+
+
+def crop_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear warp of an 8-bit BGR image into the crop (the dataset's warp, black outside)."""
+    return cv2.warpAffine(image, np.asarray(matrix, np.float32)[:2], (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def crops_to_input(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """HxWx3 uint8 BGR crops -> (B, 3, S, S) float32 network input, ``(pixel - 127.5) / 127.5``."""
+    batch = np.stack([np.asarray(c) for c in crops]).astype(np.float32)
+    batch = (batch - np.float32(127.5)) / np.float32(127.5)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+def denormalize_points(points: np.ndarray, size: int) -> np.ndarray:
+    """Normalised [-1, 1] (align_corners=False) -> crop pixels."""
+    return ((np.asarray(points, np.float64) + 1.0) * size - 1.0) / 2.0
+
+
+def points_to_image(normalized: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """(..., N, 2) normalised network landmarks -> original image pixels (float64)."""
+    crop = denormalize_points(normalized, size)
+    inv = np.linalg.inv(np.asarray(matrix, np.float64))
+    return crop @ inv[:2, :2].T + inv[:2, 2]
+
+
+def covariance_to_image(covariance: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """(..., N, 2, 2) covariance in normalised units -> image pixels squared.
+
+    A point's covariance follows the linear part ``A`` of normalised -> image:
+    ``A C A^T`` with ``A = inv(crop)[:2, :2] * S / 2``.
+    """
+    inv = np.linalg.inv(np.asarray(matrix, np.float64))
+    a = inv[:2, :2] * (size / 2.0)
+    return a @ np.asarray(covariance, np.float64) @ a.T
+
+
+def eigh2x2(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending eigenvalues (..., 2) and unit eigenvectors as columns (..., 2, 2) of symmetric 2x2s.
+
+    Closed form (the same as ``staralign.heatmaps.eigh2x2``); where the two
+    eigenvalues coincide the axes are returned.
+    """
+    cov = np.asarray(cov, np.float64)
+    a, c = cov[..., 0, 0], cov[..., 1, 1]
+    b = 0.5 * (cov[..., 0, 1] + cov[..., 1, 0])
+    half_diff, mid = 0.5 * (a - c), 0.5 * (a + c)
+    radius = np.hypot(half_diff, b)
+    evals = np.stack([mid - radius, mid + radius], -1)
+    theta = 0.5 * np.arctan2(b, np.where(radius > 0, half_diff, 1.0))
+    cos, sin = np.cos(theta), np.sin(theta)
+    evecs = np.stack([np.stack([-sin, cos], -1), np.stack([cos, sin], -1)], -1)
+    return evals, evecs

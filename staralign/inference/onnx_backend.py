@@ -1,0 +1,99 @@
+"""Running an exported ``.onnx`` network with onnxruntime, without importing torch.
+
+The file alone is enough: :mod:`staralign.inference.export` stores the landmark
+definition, input size and landmark conversions as JSON under the ONNX
+``metadata_props`` key ``staralign`` (see :data:`METADATA_KEY`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..definitions import DefinitionError, LandmarkDefinition
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "OnnxBackend", "OnnxModelError"]
+
+METADATA_KEY = "staralign"
+FORMAT_NAME = "staralign.onnx"
+FORMAT_VERSION = 1
+
+
+class OnnxModelError(ValueError):
+    """An ``.onnx`` file is unusable here; the message names the file."""
+
+
+class OnnxBackend:
+    """An exported STAR network in onnxruntime (CPU by default)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.path = Path(path)
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise OnnxModelError(f"{self.path}: running an ONNX model needs onnxruntime "
+                                 "(pip install 'staralign[onnx]')") from exc
+        if not self.path.is_file():
+            raise OnnxModelError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise OnnxModelError(f"{self.path}: onnxruntime cannot load it: {exc}") from exc
+        info = self._metadata()
+        try:
+            self.definition = LandmarkDefinition.from_dict(info["definition"], f"{self.path} (metadata)")
+            self.input_size = int(info["input_size"])
+        except (KeyError, TypeError, ValueError, DefinitionError) as exc:
+            raise OnnxModelError(f"{self.path}: bad staralign metadata: {exc}") from exc
+        self.conversions = {k: np.asarray(v, np.float64) for k, v in info.get("conversions", {}).items()}
+        self.input_name = self.session.get_inputs()[0].name
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "landmarks" not in outputs:
+            raise OnnxModelError(f"{self.path}: no 'landmarks' output (outputs: {', '.join(outputs)})")
+        self.has_ambiguity = "covariance" in outputs
+
+    def _metadata(self) -> dict[str, Any]:
+        props = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in props:
+            raise OnnxModelError(
+                f"{self.path}: not exported by staralign (no '{METADATA_KEY}' metadata: the landmark "
+                "definition and input size are unknown); export with 'staralign export'")
+        try:
+            info = json.loads(props[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise OnnxModelError(f"{self.path}: metadata '{METADATA_KEY}' is not JSON: {exc}") from exc
+        if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
+            raise OnnxModelError(f"{self.path}: metadata '{METADATA_KEY}' is not a {FORMAT_NAME} record")
+        if int(info.get("version", 0)) > FORMAT_VERSION:
+            raise OnnxModelError(f"{self.path}: format version {info.get('version')} is newer than this "
+                                 f"staralign reads ({FORMAT_VERSION}); upgrade staralign")
+        return info
+
+    def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Landmarks (B, N, 2) and, if asked and exported, covariances (B, N, 2, 2), normalised units."""
+        batch = np.ascontiguousarray(batch, np.float32)
+        want = ["landmarks"] + (["covariance"] if ambiguity and self.has_ambiguity else [])
+        step = self.fixed_batch or len(batch)
+        parts = []
+        for i in range(0, len(batch), step):
+            chunk = batch[i:i + step]
+            n = len(chunk)
+            if n < step:  # a file exported for a fixed batch: pad the last chunk
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
+            parts.append([o[:n] for o in self.session.run(want, {self.input_name: chunk})])
+        landmarks = np.concatenate([p[0] for p in parts])
+        cov = np.concatenate([p[1] for p in parts]) if len(want) > 1 else None
+        return landmarks, cov

@@ -1,0 +1,151 @@
+"""Drawing landmarks, face boxes and ambiguity ellipses on images (OpenCV, BGR, no torch).
+
+Shared by ``staralign predict``, evaluation reports and the demos.  Everything
+takes and returns HxWx3 uint8 BGR arrays and numpy coordinates in pixels
+(pixel centres at integers); drawing is anti-aliased and sub-pixel accurate.
+Sizes (point radius, line width, font) follow the face's size unless given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = ["PALETTE", "draw_box", "draw_landmarks", "ellipse_axes", "make_grid"]
+
+_SHIFT = 4  # fractional bits for sub-pixel drawing
+_ONE = 1 << _SHIFT
+
+# Distinct BGR colours (for several faces or several models on one image).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 255, 0), (0, 165, 255), (255, 128, 0), (255, 0, 255), (0, 255, 255), (0, 0, 255),
+    (255, 255, 0), (128, 0, 255),
+)
+
+
+def _fix(points: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(points, np.float64) * _ONE).astype(np.int32)
+
+
+def _as_canvas(image: np.ndarray, copy: bool) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 BGR image, got {img.dtype} {img.shape}")
+    return img.copy() if copy or not img.flags.writeable or not img.flags.c_contiguous else img
+
+
+def _auto_size(landmarks: np.ndarray, box: Sequence[float] | None, shape: tuple[int, ...]) -> float:
+    """A length that scales marks with the face: ~1/100 of its size, at least 1 pixel."""
+    if box is not None:
+        extent = max(box[2] - box[0], box[3] - box[1])
+    elif len(landmarks):
+        finite = landmarks[np.isfinite(landmarks).all(-1)]
+        extent = float(np.ptp(finite, axis=0).max()) if len(finite) > 1 else min(shape[:2]) / 2
+    else:
+        extent = min(shape[:2]) / 2
+    return max(1.0, extent / 100.0)
+
+
+def ellipse_axes(covariance: np.ndarray, n_std: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 2, 2) covariances -> semi-axes ``major``, ``minor`` (N,) at ``n_std`` standard
+    deviations and the major axis angle (N,) in degrees (image x towards y)."""
+    cov = np.asarray(covariance, np.float64)
+    a, c, b = cov[..., 0, 0], cov[..., 1, 1], 0.5 * (cov[..., 0, 1] + cov[..., 1, 0])
+    mid, radius = (a + c) / 2, np.hypot((a - c) / 2, b)
+    major = np.sqrt(np.clip(mid + radius, 0, None)) * n_std
+    minor = np.sqrt(np.clip(mid - radius, 0, None)) * n_std
+    angle = np.degrees(0.5 * np.arctan2(2 * b, a - c))
+    return major, minor, angle
+
+
+def draw_box(image: np.ndarray, box: Sequence[float], color: tuple[int, int, int] = (0, 255, 0),
+             thickness: int | None = None, label: str | None = None, copy: bool = True) -> np.ndarray:
+    """A rectangle (x1, y1, x2, y2) with an optional text label above it."""
+    canvas = _as_canvas(image, copy)
+    t = thickness or max(1, round(_auto_size(np.zeros((0, 2)), box, canvas.shape) / 2))
+    p1, p2 = _fix(box[:2]), _fix(box[2:4])
+    cv2.rectangle(canvas, tuple(int(v) for v in p1), tuple(int(v) for v in p2), color, t, cv2.LINE_AA, _SHIFT)
+    if label:
+        scale = max(0.4, (box[2] - box[0]) / 400)
+        org = (int(round(box[0])), max(int(round(box[1])) - 4, 12))
+        cv2.putText(canvas, label, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, max(1, t // 2), cv2.LINE_AA)
+    return canvas
+
+
+def draw_landmarks(
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    box: Sequence[float] | None = None,
+    ambiguity: Any = None,
+    definition: Any = None,
+    indices: bool = False,
+    color: tuple[int, int, int] = (0, 255, 0),
+    *,
+    radius: float | None = None,
+    thickness: int | None = None,
+    n_std: float = 1.0,
+    label: str | None = None,
+    copy: bool = True,
+) -> np.ndarray:
+    """Draw one face's landmarks (N, 2) on a BGR image; returns the drawn image.
+
+    ``definition`` (a :class:`~staralign.definitions.LandmarkDefinition`): its edges
+    as polylines.  ``ambiguity``: (N, 2, 2) covariances in pixels squared, or an
+    object with a ``covariance`` attribute (such as ``Face.ambiguity``); drawn as
+    ellipses at ``n_std`` standard deviations.  ``indices``: number each point.
+    Non-finite points are skipped.  ``copy=False`` draws in place.
+    """
+    canvas = _as_canvas(image, copy)
+    pts = np.asarray(landmarks, np.float64).reshape(-1, 2)
+    finite = np.isfinite(pts).all(-1)
+    unit = _auto_size(pts, box, canvas.shape)
+    r = radius if radius is not None else max(1.0, unit * 0.8)
+    t = thickness or max(1, round(unit / 2))
+    if box is not None:
+        draw_box(canvas, box, color, t, label, copy=False)
+    if definition is not None:
+        edge_color = tuple(int(c * 0.6) for c in color)
+        for edge in definition.edges:
+            idx = [i for i in edge.indices if i < len(pts) and finite[i]]
+            if len(idx) > 1:
+                cv2.polylines(canvas, [_fix(pts[idx])], bool(edge.closed), edge_color, t, cv2.LINE_AA, _SHIFT)
+    if ambiguity is not None:
+        cov = np.asarray(getattr(ambiguity, "covariance", ambiguity), np.float64).reshape(-1, 2, 2)
+        major, minor, angle = ellipse_axes(cov, n_std)
+        amb_color = (255, 0, 255) if tuple(color) != (255, 0, 255) else (0, 255, 255)
+        for i in np.flatnonzero(finite[: len(cov)] & np.isfinite(major) & np.isfinite(minor)):
+            axes = (max(1, int(round(major[i] * _ONE))), max(1, int(round(minor[i] * _ONE))))
+            centre = tuple(int(v) for v in _fix(pts[i]))
+            cv2.ellipse(canvas, centre, axes, float(angle[i]), 0, 360, amb_color, max(1, t // 2 or 1),
+                        cv2.LINE_AA, _SHIFT)
+    for i in np.flatnonzero(finite):
+        centre = tuple(int(v) for v in _fix(pts[i]))
+        cv2.circle(canvas, centre, max(1, int(round(r * _ONE))), color, -1, cv2.LINE_AA, _SHIFT)
+    if indices:
+        scale = max(0.25, unit * 0.2)
+        for i in np.flatnonzero(finite):
+            org = (int(round(pts[i, 0] + r + 1)), int(round(pts[i, 1] - r - 1)))
+            cv2.putText(canvas, str(i), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def make_grid(images: Sequence[np.ndarray], cols: int = 4, pad: int = 2,
+              background: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """Tile images (any sizes, grey or BGR) row by row; each sits top-left in a cell of the largest size."""
+    if not len(images):
+        raise ValueError("make_grid: no images")
+    tiles = [_as_canvas(im, copy=False) for im in images]
+    cols = max(1, min(int(cols), len(tiles)))
+    rows = -(-len(tiles) // cols)
+    ch, cw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    grid = np.empty((rows * ch + (rows + 1) * pad, cols * cw + (cols + 1) * pad, 3), np.uint8)
+    grid[:] = np.asarray(background, np.uint8)
+    for k, tile in enumerate(tiles):
+        y, x = pad + (k // cols) * (ch + pad), pad + (k % cols) * (cw + pad)
+        grid[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    return grid
