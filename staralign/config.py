@@ -18,7 +18,21 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "from_dict", "load_yaml", "save_yaml", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RuntimeConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_preset",
+    "load_yaml",
+    "merge",
+    "save_yaml",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -56,6 +70,141 @@ class ModelConfig:
     @property
     def heatmap_size(self) -> int:
         return self.input_size // 4
+
+
+LANDMARK_LOSSES = ("star", "star_v1", "smoothl1", "l1", "l2", "wing", "none")
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read."""
+
+    image_dir: str = ""
+    annot_dir: str = ""
+    train_file: str = "train.tsv"
+    val_file: str = "test.tsv"
+    aug_prob: float = 1.0  # share of training samples that get flip/geometry/texture augmentation
+    workers: int = 4  # DataLoader worker processes per training process
+    targets: str = "device"  # build point/edge maps on the training device ("device") or in workers
+    skip_bad_rows: bool = False  # skip (and count) malformed annotation rows instead of stopping
+    val_batch_size: int = 32
+
+    def validate(self) -> None:
+        if self.targets not in ("device", "worker"):
+            raise ConfigError(f"data.targets: must be 'device' or 'worker', got {self.targets!r}")
+        if not 0 <= self.aug_prob <= 1:
+            raise ConfigError(f"data.aug_prob: must be in [0, 1], got {self.aug_prob}")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
+
+
+@dataclass
+class LossConfig:
+    """The training objective (see ``staralign.losses.recipe``); defaults are the authors' recipe."""
+
+    kind: str = "star"  # star (v2) | star_v1 | smoothl1 | l1 | l2 | wing (on soft-argmax) | none
+    star_w: float = 1.0
+    star_dist: str = "smoothl1"
+    landmark_weight: float = 1.0
+    map_weight: float = 10.0  # AWing on point maps and on edge maps; 0 disables
+
+    def validate(self) -> None:
+        if self.kind not in LANDMARK_LOSSES:
+            raise ConfigError(f"loss.kind: {self.kind!r} is not one of {', '.join(LANDMARK_LOSSES)}")
+        if self.kind == "none" and self.map_weight <= 0:
+            raise ConfigError("loss: kind 'none' with map_weight 0 leaves nothing to train")
+        if self.star_dist not in ("smoothl1", "l1", "l2", "wing"):
+            raise ConfigError(f"loss.star_dist: {self.star_dist!r} is not one of smoothl1, l1, l2, wing")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and batch; defaults are the authors' recipe."""
+
+    epochs: int = 500
+    batch_size: int = 32  # per process (per GPU); the global batch is batch_size * world size
+    optimizer: str = "adam"  # adam (the original's) | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0  # the original's Adam gets none
+    milestones: list[int] = dataclasses.field(default_factory=lambda: [200, 350, 450])
+    gamma: float = 0.1
+    ema: bool = True
+    ema_decay: float | None = None  # None: 0.5 ** (global batch / 10000), as the original
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (the original has none)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"optim.batch_size: must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: must be positive, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise ConfigError(f"optim.optimizer: must be adam, adamw or sgd, got {self.optimizer!r}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes: device, seed, speed switches, logging and limits."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    amp: str = "none"  # none | bf16 | fp16 (autocast on CUDA; changes numerics, so off by default)
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    detect_anomaly: bool = False  # the original leaves it on; it costs ~38% of a step
+    sync_bn: bool = False  # synchronise BatchNorm statistics across processes
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss stops the run, or skips the batch
+    max_skipped: int = 100  # with on_nonfinite=skip, stop after this many skipped batches
+    log_every: int = 10  # steps between log lines
+    save_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0: end of epoch only)
+    time_budget_minutes: float = 0.0  # stop cleanly (checkpointed) once exceeded; 0 = no limit
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"runtime.amp: must be none, bf16 or fp16, got {self.amp!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"runtime.on_nonfinite: must be stop or skip, got {self.on_nonfinite!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run directory."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # model.definition names the landmarks
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.loss.validate()
+        self.optim.validate()
+        self.runtime.validate()
+
+
+PRESETS = ("paper", "tiny")
+
+
+def load_preset(name: str) -> TrainConfig:
+    """A named preset (``paper``: the authors' recipe; ``tiny``: trains on a CPU in minutes)."""
+    from importlib import resources
+
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    text = (resources.files("staralign") / "resources" / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
+    try:
+        return from_dict(TrainConfig, yaml.safe_load(text) or {})
+    except ConfigError as exc:
+        raise ConfigError(f"<preset {name}>: {exc}") from exc
 
 
 def _resolve_type(tp: Any) -> Any:

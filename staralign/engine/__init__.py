@@ -1,0 +1,1 @@
+"""Engine: the training loop, evaluation, EMA, checkpoints and multi-process set-up."""

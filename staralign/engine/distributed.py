@@ -1,0 +1,209 @@
+"""Processes, devices and data sharding, from one CPU to many GPUs.
+
+``torchrun --nproc-per-node N -m staralign train ...`` sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; ``setup`` reads them, picks NCCL on GPUs and
+gloo on CPUs, and returns a ``DistEnv``.  Without those variables everything
+runs in one process and the helpers here are no-ops.  Multi-node runs use
+torchrun's rendezvous (``--nnodes``, ``--rdzv-endpoint``) unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU if there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> DistEnv:
+    """Join the process group when launched by torchrun; otherwise a single-process env."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (a no-op in one process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic shuffling shared by all ranks, split across ranks, resumable mid-epoch.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed + e``; rank ``r`` of
+    ``W`` takes positions ``r, r + W, ...``, so global step ``k`` covers the same
+    samples whatever ``W`` is (as long as the per-rank batch times ``W`` is the
+    global batch).  ``skip`` drops the first samples of this rank's share (to
+    resume inside an epoch).  With ``drop_last`` the tail that does not fill a
+    global batch is dropped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip_batches * self.batch_size
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        global_batch = self.batch_size * self.world_size
+        if self.drop_last:
+            order = order[: len(order) // global_batch * global_batch]
+        else:
+            pad = (-len(order)) % self.world_size
+            order = order + order[:pad]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.skip, 0)
+
+    def batches_per_epoch(self) -> int:
+        n = len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class _CrossProcessBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics cover every process's batch, on any backend.
+
+    PyTorch's SyncBatchNorm runs only on GPUs; this one all-reduces the per-channel
+    sums through ``torch.distributed.nn`` (differentiable), so gloo on CPUs works too.
+    In one process, or in eval mode, it is plain BatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        # Sums in float64: the variance comes from E[x^2] - E[x]^2, which cancels badly in float32.
+        x64 = x.double()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
+        stats = torch.cat([x64.sum(dim=(0, 2, 3)), (x64 * x64).sum(dim=(0, 2, 3)), count])
+        stats = all_reduce(stats)
+        n = stats[-1]
+        mean64 = stats[:c] / n
+        var64 = (stats[c : 2 * c] / n - mean64 * mean64).clamp(min=0)
+        mean, var = mean64.to(x.dtype), var64.to(x.dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_((var64 * n / (n - 1)).detach().to(x.dtype), m)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm layers synchronised across processes (PyTorch's on GPUs, ours on CPUs)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def convert(module: nn.Module) -> nn.Module:
+        out = module
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, _CrossProcessBatchNorm):
+            out = _CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                         module.track_running_stats)
+            out.load_state_dict(module.state_dict())
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, convert(child))
+        return out
+
+    return convert(model)

@@ -1,0 +1,82 @@
+"""Training state on disk: written atomically, read without unpickling code.
+
+A run directory keeps the weights in our model format (``last.safetensors``,
+``best.safetensors``: a file alone rebuilds the model) and everything else needed
+to continue in ``train_state.pt``: model, EMA, optimiser and scheduler state,
+epoch and step, best metric, RNG states, counters.  Every file is written to a
+temporary name, flushed to disk and renamed, so a crash (even SIGKILL) during a
+save leaves the previous file intact and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "train_state.pt"
+STATE_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
+    path = Path(run_dir) / STATE_FILE
+    atomic_torch_save({"version": STATE_VERSION, **state}, path)
+    return path
+
+
+def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The saved training state of a run (``weights_only`` loading: no code is unpickled)."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no training state to resume from (is {run_dir} a run directory?)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise RuntimeError(f"{path}: cannot read training state: {exc}") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise RuntimeError(f"{path}: not a staralign training state (version {state.get('version')!r})")
+    return state

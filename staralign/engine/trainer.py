@@ -1,0 +1,425 @@
+"""Training: one function, ``train(config, run_dir)``, readable top to bottom.
+
+A step is: images and landmarks to the device -> point/edge map targets built
+there (or taken from the workers) -> forward -> the recipe loss over all stacks
+-> a finiteness check -> backward -> optimiser step -> EMA update.  Each epoch
+ends with the LR schedule, validation of the model and its EMA (last stack's
+NME), and atomic checkpoints.  The same code runs on one CPU or, launched by
+``torchrun``, on many GPUs.
+
+Run directory::
+
+    config.yaml         the resolved configuration (what was run)
+    train.log           human log
+    metrics.jsonl       one JSON object per log step and per epoch
+    tb/                 TensorBoard event files
+    train_state.pt      everything needed to resume (``--resume RUN_DIR``)
+    last.safetensors    weights after the last finished epoch (our model format)
+    best.safetensors    weights with the best validation NME (model or EMA)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import TrainConfig, save_yaml, to_dict
+from ..definitions import LandmarkDefinition, get_definition
+from ..losses.recipe import RecipeLoss
+from . import distributed as D
+from .ema import ModelEMA, default_decay, unwrap
+from .state import load_state, rng_state, save_state, set_rng_state
+
+log = logging.getLogger("staralign.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/Inf; the step was not applied."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    best_nme: float
+    best_epoch: int
+    best_source: str
+    last_val: dict[str, float] = field(default_factory=dict)
+    skipped_batches: int = 0
+    stopped_early: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        return
+    fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(sh)
+
+
+class _Metrics:
+    """metrics.jsonl plus TensorBoard, written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        # Kept open for the whole run (closed in close()); appends survive a resume.
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                log.warning("tensorboard is not installed: no event files will be written")
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = record.get("kind", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step", "global_step"):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.DistEnv):
+    """Training and validation datasets and loaders (sharded across processes)."""
+    from ..data.dataset import LandmarkDataset, collate_samples, find_annotation_file, worker_init_fn
+
+    dc, mc = config.data, config.model
+    train_file = find_annotation_file(dc.annot_dir, definition.name, dc.train_file)
+    val_file = find_annotation_file(dc.annot_dir, definition.name, dc.val_file)
+    targets = "worker" if (dc.targets == "worker" and mc.use_aam) else "none"
+    train_ds = LandmarkDataset(
+        train_file, dc.image_dir, definition, train=True, input_size=mc.input_size,
+        heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets=targets,
+        skip_bad_rows=dc.skip_bad_rows, aug_prob=dc.aug_prob,
+    )
+    val_ds = LandmarkDataset(
+        val_file, dc.image_dir, definition, train=False, input_size=mc.input_size,
+        heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets="none",
+        skip_bad_rows=dc.skip_bad_rows,
+    )
+    for ds, f in ((train_ds, train_file), (val_ds, val_file)):
+        skipped = getattr(ds, "skipped", [])
+        if skipped:
+            log.warning("%s: skipped %d bad rows (first: %s)", f, len(skipped), skipped[0])
+    global_batch = config.optim.batch_size * env.world_size
+    if len(train_ds) < global_batch:
+        raise ValueError(f"{train_file}: {len(train_ds)} training samples, fewer than one global batch "
+                         f"({global_batch}); lower --batch-size")
+    sampler = D.EpochSampler(len(train_ds), seed=config.runtime.seed, shuffle=True, rank=env.rank,
+                             world_size=env.world_size, batch_size=config.optim.batch_size, drop_last=True)
+    pin = env.device.type == "cuda"
+    workers = dc.workers
+    train_loader = DataLoader(
+        train_ds, batch_size=config.optim.batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate_samples, pin_memory=pin, drop_last=True, worker_init_fn=worker_init_fn,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )
+    val_indices = list(range(env.rank, len(val_ds), env.world_size))
+    val_loader = DataLoader(
+        torch.utils.data.Subset(val_ds, val_indices), batch_size=dc.val_batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate_samples, pin_memory=pin, worker_init_fn=worker_init_fn,
+    )
+    return train_ds, val_ds, train_loader, val_loader, sampler
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
+    from ..data.targets import edge_maps_torch, point_maps_torch
+    from ..models import build_model, save_model
+    from .evaluator import evaluate_nme
+
+    config.validate()
+    run_dir = Path(run_dir)
+    env = D.setup(config.runtime.device)
+    rt, oc = config.runtime, config.optim
+    try:
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        if resume:
+            from ..config import load_yaml
+
+            saved = load_yaml(TrainConfig, run_dir / "config.yaml")
+            if to_dict(saved) != to_dict(config):
+                log.warning("resuming %s with the configuration saved there (command-line changes ignored)",
+                            run_dir)
+            config = saved
+            rt, oc = config.runtime, config.optim
+        _setup_logging(run_dir, env.is_main)
+        if env.is_main and not resume:
+            save_yaml(config, run_dir / "config.yaml")
+
+        torch.manual_seed(rt.seed)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = rt.cudnn_benchmark
+        torch.autograd.set_detect_anomaly(rt.detect_anomaly)
+
+        definition = get_definition(config.model.definition)
+        train_ds, _, train_loader, val_loader, sampler = build_loaders(config, definition, env)
+        size, hsize = config.model.input_size, config.model.heatmap_size
+
+        def device_targets(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return point_maps_torch(points, size, hsize), edge_maps_torch(points, definition, size, hsize)
+
+        model = build_model(config.model, definition).to(env.device)
+        if rt.sync_bn and env.distributed:
+            model = D.convert_sync_batchnorm(model, env.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        decay = oc.ema_decay if oc.ema_decay is not None else default_decay(oc.batch_size * env.world_size)
+        ema = ModelEMA(model, decay) if oc.ema else None
+        criterion = RecipeLoss(config.loss)
+        optimizer = build_optimizer(model, oc)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(oc.milestones), gamma=oc.gamma)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=rt.amp == "fp16")
+
+        start_epoch, start_step, best, counters = 0, 0, {"nme": math.inf, "epoch": -1, "source": ""}, {}
+        history: list[dict[str, Any]] = []
+        if resume:
+            state = load_state(run_dir, map_location=env.device)
+            model.load_state_dict(state["model"])
+            if ema is not None and "ema" in state:
+                ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, start_step = state["epoch"], state["step"]
+            best, counters, history = state["best"], state["counters"], state.get("history", [])
+            set_rng_state(state["rng"])
+            log.info("resumed %s at epoch %d step %d", run_dir, start_epoch, start_step)
+
+        net: nn.Module = model
+        if env.distributed:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        if rt.compile:
+            net = torch.compile(net)
+
+        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard)
+        steps_per_epoch = sampler.batches_per_epoch()
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
+                 definition.name, len(train_ds), steps_per_epoch, env.world_size, env.device, n_params / 1e6)
+        skipped = int(counters.get("skipped_batches", 0))
+        t_start = time.monotonic()
+        budget_s = rt.time_budget_minutes * 60
+        stopped = ""
+
+        def checkpoint(epoch: int, step: int) -> None:
+            """Training state for resuming; rank 0 writes, everyone waits."""
+            if env.is_main:
+                save_state(run_dir, {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch, "step": step, "best": best,
+                    "counters": {"skipped_batches": skipped},
+                    "history": history,
+                    "rng": rng_state(),
+                })
+            D.barrier()
+
+        for epoch in range(start_epoch, oc.epochs):
+            first_step = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, skip_batches=first_step)
+            train_ds.set_epoch(epoch)
+            net.train()
+            sums: dict[str, float] = {}
+            n_logged = 0
+            progress = _progress(env.is_main, total=steps_per_epoch, initial=first_step,
+                                 desc=f"epoch {epoch + 1}/{oc.epochs}")
+            t_epoch = time.monotonic()
+            step = first_step
+            for step, batch in enumerate(train_loader, start=first_step):
+                images = batch["image"].to(env.device, non_blocking=True)
+                if rt.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                landmarks = batch["landmarks"].to(env.device, non_blocking=True)
+                pointmaps = edgemaps = None
+                if criterion.uses_maps and config.model.use_aam:
+                    if "pointmaps" in batch:
+                        pointmaps = batch["pointmaps"].to(env.device, non_blocking=True)
+                        edgemaps = batch["edgemaps"].to(env.device, non_blocking=True)
+                    else:
+                        pointmaps, edgemaps = device_targets(batch["points"].to(env.device, non_blocking=True))
+
+                with _autocast(env.device, rt.amp):
+                    output = net(images)
+                loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), rt_clip(oc.grad_clip), error_if_nonfinite=False
+                )
+                # One host sync per step: the loss and gradient norm must be finite before
+                # anything is applied (the progress bar needs the values anyway).
+                loss_v, gnorm_v = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
+                if not (math.isfinite(loss_v) and (math.isfinite(gnorm_v) or rt.amp == "fp16")):
+                    msg = (f"non-finite loss {loss_v} / gradient norm {gnorm_v} at epoch {epoch + 1} step {step} "
+                           f"(parts: {_fmt_parts(parts)}; images: {list(batch.get('image_path', []))[:4]})")
+                    if rt.on_nonfinite == "stop":
+                        log.error("%s; stopping without applying it (last checkpoint is intact)", msg)
+                        raise NonFiniteLossError(msg)
+                    skipped += 1
+                    log.warning("%s; batch skipped (%d so far)", msg, skipped)
+                    optimizer.zero_grad(set_to_none=True)
+                    if skipped > rt.max_skipped:
+                        raise NonFiniteLossError(f"more than {rt.max_skipped} batches skipped for non-finite loss")
+                    continue
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model)
+
+                n_logged += 1
+                sums["loss"] = sums.get("loss", 0.0) + loss_v
+                if (step + 1) % rt.log_every == 0 or step + 1 == steps_per_epoch:
+                    part_values = {k: float(v) for k, v in parts.items()}
+                    gstep = epoch * steps_per_epoch + step + 1
+                    record = {"kind": "train", "epoch": epoch + 1, "step": step + 1, "global_step": gstep,
+                              "loss": loss_v, "grad_norm": gnorm_v, "lr": optimizer.param_groups[0]["lr"],
+                              **part_values}
+                    metrics.write(record, gstep)
+                    last = len(output.heatmaps) - 1
+                    progress.set_postfix(loss=f"{loss_v:.4f}", **{
+                        k.split("/")[0][:5]: f"{v:.4f}" for k, v in part_values.items() if k.endswith(f"/{last}")
+                    })
+                    log.debug("epoch %d step %d loss %.5f", epoch + 1, step + 1, loss_v)
+                progress.update(1)
+                if rt.save_every_steps and (step + 1) % rt.save_every_steps == 0 and step + 1 < steps_per_epoch:
+                    checkpoint(epoch, step + 1)
+                if budget_s and time.monotonic() - t_start > budget_s:
+                    stopped = f"time budget of {rt.time_budget_minutes:g} min reached"
+                    break
+            progress.close()
+            if stopped and step + 1 < steps_per_epoch:
+                checkpoint(epoch, step + 1)
+                log.info("stopping: %s (mid-epoch %d, checkpointed at step %d)", stopped, epoch + 1, step + 1)
+                break
+
+            scheduler.step()
+            val = {"model": evaluate_nme(unwrap(model), val_loader, definition, env.device, rt.amp)}
+            if ema is not None:
+                val["ema"] = evaluate_nme(ema.module, val_loader, definition, env.device, rt.amp)
+            improved = False
+            for source, nme in val.items():
+                if nme < best["nme"]:
+                    best = {"nme": nme, "epoch": epoch + 1, "source": source}
+                    improved = True
+            record = {"kind": "val", "epoch": epoch + 1, "nme": val["model"], "nme_ema": val.get("ema"),
+                      "best_nme": best["nme"], "best_epoch": best["epoch"],
+                      "train_loss": sums.get("loss", 0.0) / max(n_logged, 1),
+                      "epoch_seconds": time.monotonic() - t_epoch, "skipped_batches": skipped,
+                      "lr": optimizer.param_groups[0]["lr"]}
+            history.append(record)
+            metrics.write(record, (epoch + 1) * steps_per_epoch)
+            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s",
+                     epoch + 1, oc.epochs, record["train_loss"], val["model"],
+                     f", EMA {val['ema']:.4f}" if "ema" in val else "", best["nme"], best["epoch"],
+                     best["source"], record["epoch_seconds"])
+            if env.is_main:
+                save_model(model, run_dir / "last.safetensors")
+                if ema is not None:
+                    save_model(ema.module, run_dir / "last_ema.safetensors")
+                if improved:
+                    src = ema.module if best["source"] == "ema" else model
+                    save_model(src, run_dir / "best.safetensors")
+            checkpoint(epoch + 1, 0)
+            if stopped:
+                log.info("stopping: %s after epoch %d", stopped, epoch + 1)
+                break
+
+        metrics.close()
+        epochs_done = history[-1]["epoch"] if history else start_epoch
+        last_val = {k: v for k, v in (history[-1].items() if history else []) if k in ("nme", "nme_ema")}
+        return TrainResult(run_dir, epochs_done, best["nme"], best["epoch"], best["source"], last_val,
+                           skipped, stopped, history)
+    finally:
+        D.teardown()
+
+
+def build_optimizer(model: nn.Module, oc) -> torch.optim.Optimizer:
+    """Adam as the original (no weight decay unless asked), or AdamW / SGD with momentum."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if oc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    cls = torch.optim.AdamW if oc.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def rt_clip(value: float) -> float:
+    """``clip_grad_norm_`` threshold: infinite when clipping is off (the norm is still measured)."""
+    return value if value > 0 else math.inf
+
+
+def _fmt_parts(parts: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, **kwargs) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                disable=not sys.stderr.isatty() and os.environ.get("STARALIGN_PROGRESS") != "1")

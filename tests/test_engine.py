@@ -1,0 +1,258 @@
+"""Training engine: end to end, resume, kill-and-resume, DDP equivalence, atomic checkpoints, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from staralign.config import TrainConfig, from_dict, load_preset, merge, save_yaml, to_dict
+from staralign.engine import state as state_mod
+from staralign.engine.trainer import NonFiniteLossError, train
+from staralign.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir: Path, **over) -> TrainConfig:
+    """A model small enough for a few CPU steps per second."""
+    base = {
+        "model": {"definition": "WFLW", "nstack": 2, "nlevels": 2, "channels": 16, "input_size": 64},
+        "data": {"image_dir": str(data_dir), "annot_dir": str(data_dir), "workers": 0, "val_batch_size": 8},
+        "optim": {"epochs": 2, "batch_size": 4, "lr": 2e-3, "milestones": [100], "ema_decay": 0.9},
+        "runtime": {"device": "cpu", "seed": 3, "log_every": 2, "tensorboard": True},
+    }
+    cfg = merge(load_preset("tiny"), base)
+    return merge(cfg, over) if over else cfg
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    from staralign.data.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, train=16, test=8, ambiguity=0.0, seed=5, size=96)
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path).state_dict()
+
+
+def _assert_same_weights(a: dict, b: dict, rtol: float, atol: float) -> None:
+    """Every tensor: max |a - b| <= atol + rtol * max |a| (same keys required)."""
+    assert a.keys() == b.keys()
+    excess = {
+        k: float((a[k].float() - b[k].float()).abs().max() - (atol + rtol * a[k].float().abs().max()))
+        for k in a
+        if a[k].numel() and a[k].is_floating_point()
+    }
+    worst = max(excess, key=excess.get)
+    assert excess[worst] <= 0, (worst, float((a[worst].float() - b[worst].float()).abs().max()))
+
+
+def test_train_end_to_end_resume_and_evaluate(synth_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(synth_data, optim={"epochs": 3})
+    result = train(cfg, run)
+    assert result.epochs_done == 3
+    for name in ("config.yaml", "train.log", "metrics.jsonl", "train_state.pt", "last.safetensors",
+                 "best.safetensors", "last_ema.safetensors"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert train_losses[-1] < train_losses[0], train_losses
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [v["epoch"] for v in vals] == [1, 2, 3]
+    assert all(v["nme"] > 0 and v["nme_ema"] > 0 for v in vals)
+    # The saved config is complete and reloads to the same configuration.
+    saved = from_dict(TrainConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    assert to_dict(saved) == to_dict(cfg)
+
+    # Resume for two more epochs.
+    cfg5 = merge(saved, {"optim": {"epochs": 5}})
+    save_yaml(cfg5, run / "config.yaml")
+    more = train(cfg5, run, resume=True)
+    assert more.epochs_done == 5
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in vals if v["kind"] == "val"] == [1, 2, 3, 4, 5]
+
+    # The best checkpoint evaluates to the recorded best NME.
+    from staralign.data.dataset import LandmarkDataset, collate_samples
+    from staralign.engine.evaluator import evaluate_nme
+
+    model = load_model(run / "best.safetensors")
+    ds = LandmarkDataset(synth_data / "test.tsv", synth_data, "WFLW", train=False, input_size=64,
+                         heatmap_size=16, targets="none")
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_samples)
+    nme = evaluate_nme(model, loader, model.definition, torch.device("cpu"))
+    assert nme == pytest.approx(more.best_nme, rel=1e-5)
+
+
+def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "staralign", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _cli_args(cfg_path: Path, out: Path) -> list[str]:
+    return ["train", "--preset", "tiny", "--config", str(cfg_path), "--out", str(out)]
+
+
+def test_kill_and_resume_matches_uninterrupted_run(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, optim={"epochs": 2}, runtime={"save_every_steps": 1, "tensorboard": False})
+    cfg_path = tmp_path / "cfg.yaml"
+    save_yaml(cfg, cfg_path)
+
+    # Reference: an uninterrupted run.
+    ref = _run_cli(_cli_args(cfg_path, tmp_path / "ref"))
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+
+    # Same run, killed with SIGKILL once it has checkpointed mid-epoch, then resumed.
+    run = tmp_path / "killed"
+    proc = _run_cli(_cli_args(cfg_path, run))
+    deadline = time.monotonic() + 300
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        state_file = run / state_mod.STATE_FILE
+        if state_file.exists():
+            try:
+                st = state_mod.load_state(run)
+            except RuntimeError:
+                st = None
+            if st and (st["epoch"], st["step"]) >= (0, 2):
+                proc.send_signal(signal.SIGKILL)
+                killed_at = (st["epoch"], st["step"])
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished before it could be killed; make it longer"
+    assert not (run / "last.safetensors").exists() or killed_at[0] >= 1
+    resumed = _run_cli(["train", "--resume", str(run)])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed" in (run / "train.log").read_text()
+    _assert_same_weights(_weights(tmp_path / "ref" / "last.safetensors"),
+                         _weights(run / "last.safetensors"), 1e-5, 1e-6)
+    _assert_same_weights(_weights(tmp_path / "ref" / "last_ema.safetensors"),
+                         _weights(run / "last_ema.safetensors"), 1e-5, 1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_single_process_on_same_global_batch(synth_data, tmp_path):
+    # SGD: its update is linear in the gradient, so float-order noise stays small.  (Adam
+    # turns the ~1e-9 gradients of conv biases that feed BatchNorm -- zero in exact
+    # arithmetic -- into full-size steps of random sign, in any two runs that sum differently.)
+    common = {"optim": {"epochs": 1, "ema": False, "optimizer": "sgd", "lr": 1e-4},
+              "data": {"aug_prob": 1.0},
+              "runtime": {"tensorboard": False, "sync_bn": True}}
+    # No CoordConv here: its boundary channels threshold the previous stack's heatmap at
+    # 0.05, so float-order noise can flip a pixel and move the batch statistics discretely.
+    # And an L2 landmark loss: STAR's eigenvector gradients scale with 1 / (l2 - l1), which
+    # on a freshly initialised, nearly isotropic heatmap amplifies that noise a thousandfold.
+    common["model"] = {"add_coord": False}
+    common["loss"] = {"kind": "l2"}
+    single = tiny_config(synth_data, **common)
+    single = merge(single, {"optim": {"batch_size": 8}})
+    double = merge(single, {"optim": {"batch_size": 4}})
+    save_yaml(single, tmp_path / "single.yaml")
+    save_yaml(double, tmp_path / "double.yaml")
+    p1 = _run_cli(_cli_args(tmp_path / "single.yaml", tmp_path / "one"))
+    out1, _ = p1.communicate(timeout=600)
+    assert p1.returncode == 0, out1
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "staralign", *_cli_args(tmp_path / "double.yaml",
+                                                                            tmp_path / "two")]
+    p2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert "2 processes" in (tmp_path / "two" / "train.log").read_text()
+    # Equal up to float summation order (~1e-4 after two steps through BatchNorm).  Without
+    # synchronised BatchNorm, or with a different split of the global batch, the same
+    # comparison is off by more than 1e-2.
+    _assert_same_weights(_weights(tmp_path / "one" / "last.safetensors"),
+                         _weights(tmp_path / "two" / "last.safetensors"), 1e-3, 1e-5)
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    state_mod.save_state(tmp_path, {"epoch": 1, "step": 0, "marker": torch.arange(5)})
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        real_save({"partial": True}, f)  # something lands in the temporary file...
+        raise OSError("disk full")  # ...then the writer dies
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        state_mod.save_state(tmp_path, {"epoch": 2, "step": 0, "marker": torch.arange(7)})
+    monkeypatch.setattr(torch, "save", real_save)
+    st = state_mod.load_state(tmp_path)
+    assert st["epoch"] == 1 and st["marker"].tolist() == list(range(5))
+    assert [p.name for p in tmp_path.iterdir()] == [state_mod.STATE_FILE]
+
+
+def test_nonfinite_loss_stops_loudly_or_skips(synth_data, tmp_path, monkeypatch):
+    from staralign.losses import recipe
+
+    calls = {"n": 0}
+    real_forward = recipe.RecipeLoss.forward
+
+    def sometimes_nan(self, *a, **k):
+        total, parts = real_forward(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            total = total * float("nan")
+        return total, parts
+
+    monkeypatch.setattr(recipe.RecipeLoss, "forward", sometimes_nan)
+    cfg = tiny_config(synth_data, optim={"epochs": 1}, runtime={"tensorboard": False})
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        train(cfg, tmp_path / "stop")
+    # Nothing was trained on: no epoch finished, no weights written.
+    assert not (tmp_path / "stop" / "last.safetensors").exists()
+
+    calls["n"] = 0
+    skip = merge(cfg, {"runtime": {"on_nonfinite": "skip"}})
+    result = train(skip, tmp_path / "skip")
+    assert result.skipped_batches == 1
+    assert result.history[-1]["skipped_batches"] == 1
+
+
+def test_train_cli_flags_and_aliases(synth_data, tmp_path):
+    import argparse
+
+    from staralign.engine.cli import _add_train_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    _add_train_arguments(p)
+    args = p.parse_args(["--preset", "tiny", "--data_definition", "300W", "--image_dir", "I", "--annot_dir", "A",
+                         "--batch_size", "7", "--epochs", "3", "--lr", "0.01", "--nstack", "3", "--loss", "awing",
+                         "--seed", "9", "--device", "cpu", "--workers", "0", "--out", "x"])
+    cfg = config_from_args(args)
+    assert cfg.model.definition == "300W" and cfg.model.nstack == 3
+    assert (cfg.data.image_dir, cfg.data.annot_dir, cfg.data.workers) == ("I", "A", 0)
+    assert (cfg.optim.batch_size, cfg.optim.epochs, cfg.optim.lr) == (7, 3, 0.01)
+    assert cfg.loss.kind == "none" and cfg.runtime.seed == 9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochs: many\n")
+    from staralign.cli import main
+
+    assert main(["train", "--preset", "tiny", "--config", str(bad), "--out", str(tmp_path / "r"),
+                 "--annot-dir", str(synth_data)]) == 2
