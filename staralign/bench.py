@@ -365,9 +365,23 @@ def _write_bench_dataset(folder, definition, count: int, size: int, seed: int):
     return folder / "train.tsv"
 
 
+def _cpu_seconds(who: int) -> float:
+    import resource
+
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def _loader_rate(dataset, workers: int, batch_size: int, samples: int) -> dict[str, Any]:
     """Samples per second of a DataLoader over ``dataset`` after warm-up (worker start-up and
-    one batch per worker are not timed)."""
+    one batch per worker are not timed).  OpenCV and torch run one thread per process, so
+    each worker (or the main process, with 0 workers) is one core.
+
+    Also reported: CPU seconds per sample (main process plus workers, warm-up included),
+    which other processes competing for the cores do not inflate the way they do wall time.
+    """
+    import resource
+
     import cv2
     import torch
     from torch.utils.data import DataLoader
@@ -376,24 +390,36 @@ def _loader_rate(dataset, workers: int, batch_size: int, samples: int) -> dict[s
 
     warm = max(1, workers) * batch_size
     order = [i % len(dataset) for i in range(warm + samples)]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                        collate_fn=collate_samples, worker_init_fn=worker_init_fn if workers else None)
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    if workers == 0:  # the main process is the one core doing the work
-        worker_init_fn(0)
+    # Set in this process before the workers fork: cv2.setNumThreads inside a forked
+    # worker can deadlock (see staralign.data.dataset.worker_init_fn).
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     try:
-        seen, start = 0, None
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                            collate_fn=collate_samples, worker_init_fn=worker_init_fn if workers else None)
+        cpu_main, cpu_children = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+        seen, start, cpu_start = 0, None, 0.0
         for batch in loader:
             seen += batch["image"].shape[0]
             if start is None and seen >= warm:
-                start, seen = time.perf_counter(), 0
+                start, seen, cpu_start = time.perf_counter(), 0, _cpu_seconds(resource.RUSAGE_SELF)
         elapsed = time.perf_counter() - start
+        del batch, loader  # workers exit and are reaped: their CPU time is counted
+        if workers:
+            cpu = (_cpu_seconds(resource.RUSAGE_SELF) - cpu_main
+                   + _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu_children)
+            cpu_samples = warm + seen
+        else:
+            cpu, cpu_samples = _cpu_seconds(resource.RUSAGE_SELF) - cpu_start, seen
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
     rate = seen / elapsed
     return {"samples": seen, "seconds": elapsed, "samples_per_s": rate,
-            "samples_per_s_per_core": rate / max(1, workers)}
+            "samples_per_s_per_core": rate / max(1, workers),
+            "cpu_ms_per_sample": 1000.0 * cpu / cpu_samples,
+            "samples_per_cpu_s": cpu_samples / cpu if cpu > 0 else float("nan")}
 
 
 def _stage_profile(dataset, count: int) -> dict[str, float]:
@@ -402,12 +428,13 @@ def _stage_profile(dataset, count: int) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from .data.dataset import sample_rng, worker_init_fn
+    from .data.dataset import sample_rng
     from .data.targets import edge_maps, point_maps
     from .data.transforms import apply_texture, image_to_tensor, normalize_points, transform_points, warp_image
 
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    worker_init_fn(0)
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     totals = dict.fromkeys(("decode", "geometry_warp", "texture", "to_tensor", "point_maps",
                             "edge_maps"), 0.0)
     try:
@@ -486,6 +513,132 @@ def bench_data(args) -> dict:
             torch.set_num_threads(threads)
         result["device_targets_ms_per_batch"] = {
             "device": str(device), "threads": 1 if device.type == "cpu" else None, **timing}
+    return result
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_args(p) -> None:
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--definition", default="WFLW")
+    p.add_argument("--nstack", type=int, default=4)
+    p.add_argument("--nlevels", type=int, default=4)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--original-style", action="store_true",
+                   help="the original's costs: anomaly detection on, a Python loop per tensor for the EMA, "
+                        "STAR's eigen-decomposition on the CPU (same network and maths)")
+
+
+def _python_loop_ema(ema_model, model, decay: float) -> None:
+    """The original's EMA update: one pair of kernels per tensor, driven from Python."""
+    import torch
+
+    with torch.no_grad():
+        src = dict(model.named_parameters())
+        for k, p in ema_model.named_parameters():
+            p.data.mul_(decay).add_(src[k].data, alpha=1 - decay)
+        src_b = dict(model.named_buffers())
+        for k, b in ema_model.named_buffers():
+            if b.is_floating_point():
+                b.data.mul_(decay).add_(src_b[k].data, alpha=1 - decay)
+            else:
+                b.data.copy_(src_b[k].data)
+
+
+@bench("train", _train_args)
+def bench_train(args) -> dict:
+    """Images/s of a full training step (forward, recipe loss, backward, Adam, EMA) on synthetic tensors."""
+    import contextlib
+    import copy
+
+    import torch
+
+    from .config import LossConfig, ModelConfig
+    from .data.targets import edge_maps_torch, point_maps_torch
+    from .definitions import get_definition
+    from .engine.ema import ModelEMA, default_decay
+    from .losses.recipe import RecipeLoss
+    from .models import build_model
+
+    device = resolve_device(args.device)
+    definition = get_definition(args.definition)
+    cfg = ModelConfig(definition=definition.name, nstack=args.nstack, nlevels=args.nlevels,
+                      channels=args.channels, input_size=args.input_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, definition).to(device)
+    if args.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = RecipeLoss(LossConfig())
+    if args.original_style:
+
+        class _CpuEighStar(torch.nn.Module):
+            def forward(self, heatmaps, gt):
+                return _reference_style_star(heatmaps, gt)
+
+        criterion.landmark_loss = _CpuEighStar()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    decay = default_decay(args.batch_size)
+    if args.original_style:
+        ema_model = copy.deepcopy(model)
+        update_ema = lambda: _python_loop_ema(ema_model, model, decay)  # noqa: E731
+    else:
+        ema = ModelEMA(model, decay)
+        update_ema = lambda: ema.update(model)  # noqa: E731
+    net = torch.compile(model) if args.compile else model
+
+    gen = torch.Generator().manual_seed(0)
+    b, size = args.batch_size, args.input_size
+    images = torch.randn(b, 3, size, size, generator=gen).to(device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    # Plausible landmark layouts: a jittered mean shape per sample, in crop pixels.
+    base = torch.rand(definition.num_points, 2, generator=gen) * 0.5 + 0.25
+    points = ((base + 0.02 * torch.randn(b, definition.num_points, 2, generator=gen)) * size).to(device)
+    landmarks = (2 * points + 1) / size - 1
+    hsize = size // 4
+    amp = (contextlib.nullcontext() if args.amp == "none"
+           else torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    def step() -> None:
+        pm = point_maps_torch(points, size, hsize)
+        em = edge_maps_torch(points, definition, size, hsize)
+        anomaly = torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext()
+        with amp:
+            out = net(images)
+        loss, _ = criterion(out, landmarks, pm, em)
+        optimizer.zero_grad(set_to_none=True)
+        with anomaly:
+            scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        update_ema()
+        float(loss.detach())  # the trainer syncs once per step to check the loss is finite
+
+    model.train()
+    timing = time_fn(step, device, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+    result: dict[str, Any] = {
+        "bench": "train",
+        "batch_size": b,
+        "model": {"nstack": args.nstack, "nlevels": args.nlevels, "channels": args.channels,
+                  "input_size": size, "definition": definition.name},
+        "options": {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                    "cudnn_benchmark": args.cudnn_benchmark, "original_style": args.original_style},
+    }
+    result.update(device_info(device))
+    result["step"] = timing
+    result["images_per_s"] = b * 1000.0 / timing["ms_median"]
     return result
 
 

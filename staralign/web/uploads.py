@@ -1,0 +1,182 @@
+"""Reading an uploaded image from the raw request stream, in memory, within a size limit.
+
+Starlette's ``request.form()`` spools any upload over 1 MB to a temporary file on
+disk; a demo server that people point at their own photos should leave no copies
+behind, so the body is read here chunk by chunk instead: multipart/form-data
+(field ``file``) is parsed as it streams with python-multipart's push parser,
+raw bytes (``Content-Type: image/*``) are simply collected.  A declared
+``Content-Length`` over the limit is refused before reading a byte, and reading
+stops as soon as the running total passes the limit, so an oversize or endless
+body costs at most one chunk more than the limit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+__all__ = ["MULTIPART_SLACK", "ApiError", "Upload", "read_upload"]
+
+# Room for multipart boundaries and part headers on top of the image's own limit.
+MULTIPART_SLACK = 64 * 1024
+FILE_FIELD = "file"
+RAW_TYPES_HINT = ("send multipart/form-data with the image in a field named 'file', "
+                  "or the raw image bytes with Content-Type: image/jpeg, image/png, image/bmp or image/webp")
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": code, "message": message}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class Upload:
+    """The bytes of one uploaded image and the name it came with ("upload" for raw bodies)."""
+
+    data: bytes
+    filename: str
+    content_type: str
+
+
+def _too_large(limit: int, what: str) -> ApiError:
+    return ApiError(413, "upload_too_large",
+                    f"{what} is larger than the server's limit of {limit / 2**20:g} MB "
+                    "(staralign serve --max-upload-mb); send a smaller image")
+
+
+def _parse_options(value: str) -> tuple[str, dict[str, str]]:
+    from python_multipart.multipart import parse_options_header
+
+    media, params = parse_options_header(value)
+    return (media.decode("latin-1").lower(),
+            {k.decode("latin-1").lower(): v.decode("utf-8", "replace") for k, v in params.items()})
+
+
+def _clean_name(name: str) -> str:
+    """The file name a browser sent, reduced to a base name (it is only echoed back in the JSON)."""
+    base = os.path.basename(name.replace("\\", "/")).strip()
+    return "".join(c for c in base if c.isprintable())[:255] or "upload"
+
+
+class _MultipartFile:
+    """Push-parser callbacks that keep the first part named ``file`` in memory, up to ``limit`` bytes."""
+
+    def __init__(self, boundary: str, limit: int) -> None:
+        from python_multipart.multipart import MultipartParser
+
+        self.limit = limit
+        self.data: bytearray | None = None
+        self.filename = "upload"
+        self.content_type = ""
+        self._headers: dict[str, str] = {}
+        self._field, self._value = bytearray(), bytearray()
+        self._capturing = False
+        self._done = False
+        callbacks: Any = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("utf-8", "replace")
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        _, params = _parse_options(self._headers.get("content-disposition", ""))
+        self._capturing = params.get("name") == FILE_FIELD and not self._done
+        if self._capturing:
+            self.data = bytearray()
+            self.filename = _clean_name(params.get("filename", "upload"))
+            self.content_type = self._headers.get("content-type", "")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._capturing and self.data is not None:
+            self.data.extend(data[start:end])
+            if len(self.data) > self.limit:
+                raise _too_large(self.limit, "the image")
+
+    def _part_end(self) -> None:
+        if self._capturing:
+            self._capturing, self._done = False, True
+
+    def write(self, chunk: bytes) -> None:
+        from python_multipart.exceptions import MultipartParseError
+
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as exc:
+            raise ApiError(400, "bad_multipart", f"malformed multipart/form-data body: {exc}") from None
+
+    def finish(self) -> None:
+        from python_multipart.exceptions import MultipartParseError
+
+        try:
+            self.parser.finalize()
+        except MultipartParseError as exc:
+            raise ApiError(400, "bad_multipart", f"malformed multipart/form-data body: {exc}") from None
+        if not self._done:
+            raise ApiError(400, "missing_file",
+                           f"the multipart form has no complete field named '{FILE_FIELD}'; {RAW_TYPES_HINT}")
+
+
+async def read_upload(request: Request, max_bytes: int) -> Upload:
+    """The image bytes of a request: multipart field ``file`` or a raw ``image/*`` body.
+
+    Raises :class:`ApiError`: 413 past ``max_bytes`` (declared or counted), 415 for
+    other content types, 400 for an empty or malformed body.  Nothing touches disk.
+    """
+    media, params = _parse_options(request.headers.get("content-type", ""))
+    multipart = media == "multipart/form-data"
+    if not multipart and not (media.startswith("image/") or media == "application/octet-stream"):
+        shown = media or "none"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {shown} is not accepted; {RAW_TYPES_HINT}")
+    body_limit = max_bytes + (MULTIPART_SLACK if multipart else 0)
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_content_length", f"Content-Length {declared!r} is not a number") from None
+        if length > body_limit:
+            raise _too_large(max_bytes, f"the upload ({length / 2**20:.1f} MB)")
+    form: _MultipartFile | None = None
+    raw = bytearray()
+    if multipart:
+        boundary = params.get("boundary", "")
+        if not boundary:
+            raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
+        form = _MultipartFile(boundary, max_bytes)
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > body_limit:  # stop reading: the rest of the body is never pulled in
+            raise _too_large(max_bytes, "the upload")
+        if form is not None:
+            form.write(chunk)
+        else:
+            raw.extend(chunk)
+    if form is not None:
+        form.finish()
+        data, name, ctype = bytes(form.data or b""), form.filename, form.content_type
+    else:  # a raw body may name itself: Content-Disposition: inline; filename="photo.jpg"
+        _, disposition = _parse_options(request.headers.get("content-disposition", ""))
+        data, name, ctype = bytes(raw), _clean_name(disposition.get("filename", "upload")), media
+    if not data:
+        raise ApiError(400, "empty_upload", "the uploaded image is empty")
+    return Upload(data, name, ctype)
