@@ -490,6 +490,7 @@ def bench_data(args) -> dict:
         "input_size": 256, "heatmap_size": 64, "mode": "train", "cpu_cores": os.cpu_count(),
     }
     result.update(device_info(torch.device("cpu")))
+    result["threads_per_process"] = 1  # torch and OpenCV, in the loader and the profile
     with tempfile.TemporaryDirectory(prefix="staralign-bench-data-") as tmp:
         folder = Path(tmp)
         tsv = _write_bench_dataset(folder, definition, args.images, args.size, args.seed)
@@ -508,11 +509,12 @@ def bench_data(args) -> dict:
             torch.set_num_threads(1)
         try:
             timing = time_fn(lambda: (point_maps_torch(pts), edge_maps_torch(pts, definition)), device,
-                             warmup=1, iters=2, repeats=3)
+                             warmup=1, iters=3, repeats=3)
         finally:
             torch.set_num_threads(threads)
         result["device_targets_ms_per_batch"] = {
-            "device": str(device), "threads": 1 if device.type == "cpu" else None, **timing}
+            "device": str(device), "threads": 1 if device.type == "cpu" else None,
+            "edge_method": "numpy" if device.type == "cpu" else "torch", **timing}
     return result
 
 

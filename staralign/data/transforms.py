@@ -1,0 +1,251 @@
+"""Geometry and augmentation of one face sample, every random draw from an explicit generator.
+
+Conventions (those of the authors' code):
+
+* Points are (x, y) pixel coordinates whose integer values are pixel centres, so a
+  crop of side S spans [-0.5, S - 0.5]; matrices are 3x3 and act on column vectors
+  ``(x, y, 1)``.
+* The crop maps the face centre to ``((S - 1) / 2, (S - 1) / 2)`` (align-corners
+  centre) and scales by ``S / (scale * 200)``.
+* Random geometry: shift ~ N(0, 0.05) * (S - 1) per axis, rotation ~ N(0, 18 deg),
+  scale ~ N(1, 0.1), about the crop centre; composed after the crop
+  (``geometry @ crop``).
+* Flip (probability 0.5, before the crop): the image is mirrored (pixel x -> w - 1 - x),
+  landmarks and crop centre map x -> w + offset - x with the definition's
+  ``flip_x_offset`` (-1 for WFLW/300W, 0 for COFW: the original's convention) and
+  the flip pairs swap.  We fold the mirror into the warp instead of copying the image.
+* Texture, in this order, on the warped 8-bit crop: occlusion (p 0.4), box blur
+  (p 0.3), gamma (p 0.2), noise blend (p 0.2), grey (p 0.2), with the original's
+  ranges.  One deliberate difference: the original converts its BGR crop with
+  OpenCV's *RGB*-to-grey weights (blue weighted as red); we use the BGR weights.
+* Normalised landmarks: ``(2 p + 1) / S - 1`` (align_corners=False), clamped to
+  [-1, 1]; the image ``(pixel - 127.5) / 127.5``.
+
+No function here touches global random state: pass a ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..definitions import LandmarkDefinition
+
+__all__ = [
+    "GeometryAugment",
+    "TextureAugment",
+    "apply_texture",
+    "compose_rotate_scale",
+    "crop_matrix",
+    "crop_to_image",
+    "denormalize_points",
+    "flip_landmarks",
+    "flip_matrix",
+    "image_to_tensor",
+    "invert_affine",
+    "mirror_matrix",
+    "normalize_points",
+    "random_geometry_matrix",
+    "transform_points",
+    "warp_image",
+]
+
+ArrayLike = TypeVar("ArrayLike", np.ndarray, Tensor)
+
+FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
+
+
+# --------------------------------------------------------------------------- matrices
+
+
+def compose_rotate_scale(
+    angle: float,
+    scale: float,
+    shift: tuple[float, float],
+    from_center: tuple[float, float],
+    to_center: tuple[float, float],
+) -> np.ndarray:
+    """(3, 3) float64: rotate by ``angle`` (radians) and scale about ``from_center``,
+    landing on ``to_center + shift``."""
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    fx, fy = from_center
+    tx, ty = to_center
+    return np.array([
+        [c, -s, tx - c * fx + s * fy + shift[0]],
+        [s, c, ty - s * fx - c * fy + shift[1]],
+        [0.0, 0.0, 1.0],
+    ])
+
+
+def crop_matrix(
+    scale: float, center_w: float, center_h: float, size: int = 256, face_scale: float = 1.0
+) -> np.ndarray:
+    """(3, 3) float32 map from image pixels to the crop: the face box to the crop's middle."""
+    half = (size - 1) / 2.0
+    zoom = size / (scale * face_scale * FACE_SIZE)
+    return compose_rotate_scale(0.0, zoom, (0.0, 0.0), (center_w, center_h), (half, half)).astype(
+        np.float32)
+
+
+@dataclass(frozen=True)
+class GeometryAugment:
+    """Sigmas of the random similarity applied after the crop (the original's defaults)."""
+
+    shift_sigma: float = 0.05  # fraction of the crop side
+    rotation_sigma: float = math.radians(18.0)
+    scale_sigma: float = 0.1
+
+
+def random_geometry_matrix(
+    rng: np.random.Generator, size: int = 256, config: GeometryAugment = GeometryAugment()
+) -> np.ndarray:
+    """(3, 3) float32 random shift/rotation/scale about the crop centre, all normal."""
+    half = (size - 1) / 2.0
+    shift = rng.normal(0.0, config.shift_sigma, size=2) * (size - 1)
+    angle = rng.normal(0.0, config.rotation_sigma)
+    zoom = rng.normal(1.0, config.scale_sigma)
+    return compose_rotate_scale(angle, zoom, (shift[0], shift[1]), (half, half), (half, half)).astype(
+        np.float32)
+
+
+def flip_matrix(width: int, x_offset: int) -> np.ndarray:
+    """(3, 3) map of the landmark flip ``x -> width + x_offset - x``."""
+    return np.array([[-1.0, 0.0, width + x_offset], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+
+
+def mirror_matrix(width: int) -> np.ndarray:
+    """(3, 3) map of the image mirror (pixel ``x -> width - 1 - x``)."""
+    return flip_matrix(width, -1)
+
+
+def flip_landmarks(points: np.ndarray, width: int, definition: LandmarkDefinition) -> np.ndarray:
+    """Mirror (N, 2) landmarks of a ``width``-wide image: pairs swap, x -> w + offset - x."""
+    out = np.asarray(points)[definition.flip_permutation()].copy()
+    out[:, 0] = width + definition.flip_x_offset - out[:, 0]
+    return out
+
+
+def transform_points(points: ArrayLike, matrix: ArrayLike) -> ArrayLike:
+    """Apply (..., 3, 3) affine matrices to (..., N, 2) points (numpy or torch)."""
+    if isinstance(points, Tensor):
+        m = torch.as_tensor(matrix, dtype=points.dtype, device=points.device)
+        return points @ m[..., :2, :2].transpose(-1, -2) + m[..., None, :2, 2]
+    m = np.asarray(matrix)
+    pts = np.asarray(points)
+    out = pts @ np.swapaxes(m[..., :2, :2], -1, -2) + m[..., None, :2, 2]
+    return out.astype(np.result_type(pts.dtype, np.float32), copy=False)
+
+
+def invert_affine(matrix: ArrayLike) -> ArrayLike:
+    """Inverse of (..., 3, 3) affine matrices (numpy or torch)."""
+    if isinstance(matrix, Tensor):
+        a = matrix[..., :2, :2]
+        inv = torch.linalg.inv(a.to(torch.float64)).to(matrix.dtype)
+        t = -(inv @ matrix[..., :2, 2:3])
+        top = torch.cat([inv, t], -1)
+        bottom = torch.zeros_like(matrix[..., 2:3, :])
+        bottom[..., 0, 2] = 1
+        return torch.cat([top, bottom], -2)
+    m = np.asarray(matrix)
+    inv = np.linalg.inv(m[..., :2, :2].astype(np.float64))
+    t = -(inv @ m[..., :2, 2:3].astype(np.float64))
+    out = np.zeros(m.shape, np.float64)
+    out[..., :2, :2] = inv
+    out[..., :2, 2:3] = t
+    out[..., 2, 2] = 1.0
+    return out.astype(m.dtype if m.dtype.kind == "f" else np.float64)
+
+
+def crop_to_image(points: ArrayLike, matrix: ArrayLike) -> ArrayLike:
+    """Crop pixels -> original image pixels, given the sample's crop ``matrix`` (numpy or torch,
+    batched as (B, N, 2) with (B, 3, 3)).  Evaluation and inference use it."""
+    if isinstance(points, Tensor):
+        m = torch.as_tensor(matrix, device=points.device)
+        inv = invert_affine(m.to(torch.float64))
+        return transform_points(points.to(torch.float64), inv).to(points.dtype)
+    return transform_points(np.asarray(points, np.float64), invert_affine(np.asarray(matrix, np.float64)))
+
+
+def normalize_points(points: ArrayLike, size: int = 256) -> ArrayLike:
+    """Crop pixels -> [-1, 1] (align_corners=False), clamped as the original does."""
+    if isinstance(points, Tensor):
+        return ((points * 2 + 1) / size - 1).clamp(-1, 1)
+    return np.clip((np.asarray(points) * 2 + 1) / size - 1, -1, 1)
+
+
+def denormalize_points(points: ArrayLike, size: int = 256) -> ArrayLike:
+    """[-1, 1] -> crop pixels: the inverse of :func:`normalize_points` (before its clamp)."""
+    return ((points + 1) * size - 1) / 2
+
+
+# --------------------------------------------------------------------------- images
+
+
+def warp_image(image: np.ndarray, matrix: np.ndarray, size: int = 256) -> np.ndarray:
+    """Bilinear warp of an 8-bit image into a size x size crop, black outside the image."""
+    return cv2.warpAffine(image, np.asarray(matrix, np.float32)[:2], (size, size),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def image_to_tensor(image: np.ndarray) -> Tensor:
+    """HxWx3 uint8 BGR -> 3xHxW float32 in [-1, 1]: ``(pixel - 127.5) / 127.5``."""
+    t = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return t.sub_(127.5).div_(127.5)
+
+
+@dataclass(frozen=True)
+class TextureAugment:
+    """Probabilities of the texture augmentations (the original's values)."""
+
+    occlusion: float = 0.4
+    blur: float = 0.3
+    gamma: float = 0.2
+    noise: float = 0.2
+    grey: float = 0.2
+
+
+def _occlude(image: np.ndarray, rng: np.random.Generator) -> None:
+    h, w = image.shape[:2]
+    rh = 0.2 + 0.6 * rng.random()  # box height, a fraction of half the crop: [0.2, 0.8]
+    rw = rh - 0.2 + 0.4 * rng.random()
+    cx = int((w - 1) * rng.random())
+    cy = int((h - 1) * rng.random())
+    dh, dw = int(h / 2 * rh), int(w / 2 * rw)
+    x0, y0 = max(0, cx - dw // 2), max(0, cy - dh // 2)
+    x1, y1 = min(w - 1, cx + dw // 2), min(h - 1, cy + dh // 2)
+    image[y0:y1 + 1, x0:x1 + 1] = 0
+
+
+def _gamma_table(gamma: float) -> np.ndarray:
+    return ((np.arange(256) / 255.0) ** gamma * 255).astype(np.uint8)
+
+
+def apply_texture(
+    image: np.ndarray, rng: np.random.Generator, config: TextureAugment = TextureAugment()
+) -> np.ndarray:
+    """The original's texture augmentation of an 8-bit crop (returns a new array)."""
+    image = image.copy()
+    if rng.random() < config.occlusion:
+        _occlude(image, rng)
+    if rng.random() < config.blur:
+        k = int((image.shape[0] + image.shape[1]) / 2 * 0.05 * rng.random())
+        if k > 1:
+            image = cv2.blur(image, (k, k))
+    if rng.random() < config.gamma:
+        gamma = 0.25 + 0.75 * rng.random() if rng.random() < 0.5 else 1.0 + 3.0 * rng.random()
+        image = cv2.LUT(image, _gamma_table(gamma))
+    if rng.random() < config.noise:
+        noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape)
+        alpha = np.float32(0.5 * rng.random())
+        blended = (np.float32(1.0) - alpha) * image + alpha * noise
+        image = blended.astype(np.uint8)  # truncation, as the original
+    if rng.random() < config.grey:
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        image = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    return image
