@@ -49,6 +49,7 @@ class ModelConfig:
     nstack: int = 4
     nlevels: int = 4  # hourglass depth
     channels: int = 256
+    stem_channels: tuple[int, int] = (64, 128)  # widths of the stem's two stages (the original's: 64, 128)
     input_size: int = 256  # square input, a multiple of 16; heatmaps are input_size / 4
     use_aam: bool = True  # point/edge map heads gating the heatmaps (the AAM)
     add_coord: bool = True  # CoordConv layers (x, y, r and the boundary channels)
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ConfigError(f"model.nlevels: must be >= 1, got {self.nlevels}")
         if self.channels < 8 or self.channels % 2:
             raise ConfigError(f"model.channels: must be an even number >= 8, got {self.channels}")
+        if len(self.stem_channels) != 2 or any(c < 4 or c % 2 for c in self.stem_channels):
+            raise ConfigError(f"model.stem_channels: must be two even numbers >= 4, got {self.stem_channels}")
         unit = 4 * 2 ** self.nlevels
         if self.input_size < unit or self.input_size % unit:
             raise ConfigError(

@@ -138,6 +138,17 @@ def test_infers_variants_without_aam_or_coordconv(tmp_path):
     assert_same_outputs(model, loaded)
 
 
+def test_infers_a_narrow_stem_and_round_trips_it(tmp_path):
+    model = small_model(stem_channels=(16, 24))
+    torch.save(model.state_dict(), tmp_path / "narrow.pth")
+    loaded = load_model(tmp_path / "narrow.pth")
+    assert tuple(loaded.config.stem_channels) == (16, 24)
+    assert_same_outputs(model, loaded)
+    ours = load_model(save_model(model, tmp_path / "narrow.safetensors"))
+    assert ours.config == model.config
+    assert_same_outputs(model, ours)
+
+
 def test_float16_weights_are_cast_to_float32(tmp_path):
     model = small_model()
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}

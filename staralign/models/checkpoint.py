@@ -210,7 +210,7 @@ def infer_model_config(
 ) -> tuple[ModelConfig, int, int]:
     """(config, num_points, num_edges) of the network that produced ``state``.
 
-    Stacks, depth, width, AAM and CoordConv are read off the key set; the input
+    Stacks, depth, width, stem widths, AAM and CoordConv are read off the key set; the input
     size is not recorded in official files and defaults to 256 (the smallest
     valid size at least that large for deep hourglasses).
     """
@@ -224,10 +224,13 @@ def infer_model_config(
     use_aam = "e2h_transform.weight" in state
     num_edges = int(state["e2h_transform.weight"].shape[1]) if use_aam else 0
     unit = 4 * 2 ** max(nlevels, 1)
+    stem = (int(_require(state, "pre.0.conv.weight", source).shape[0]),
+            int(_require(state, "pre.1.conv3.conv.weight", source).shape[0]))
     config = ModelConfig(
         nstack=max(stack_ids) + 1,
         nlevels=nlevels,
         channels=channels,
+        stem_channels=stem,
         input_size=-(-DEFAULT_INPUT_SIZE // unit) * unit,
         use_aam=use_aam,
         add_coord="hgs.0.coordconv.conv.weight" in state,

@@ -32,7 +32,6 @@ from .layers import Bottleneck, ConvLayer, CoordConv, EdgeToPoint, Hourglass
 
 __all__ = ["StackedHourglassNet", "StarOutput", "build_model"]
 
-STEM_CHANNELS = (64, 128)  # widths of the stem's stages, fixed in the original design
 IMAGE_CHANNELS = 3
 
 
@@ -82,12 +81,14 @@ class StackedHourglassNet(nn.Module):
         width = config.channels
         num_points = definition.num_points
         stem_conv = CoordConv if config.add_coord else ConvLayer
+        stem1, stem2 = config.stem_channels
+        # The stem runs at half and quarter resolution: most of a small model's cost is here.
         self.pre = nn.Sequential(
-            stem_conv(IMAGE_CHANNELS, STEM_CHANNELS[0], 7, stride=2, norm=True, act=True),
-            Bottleneck(STEM_CHANNELS[0], STEM_CHANNELS[1]),
+            stem_conv(IMAGE_CHANNELS, stem1, 7, stride=2, norm=True, act=True),
+            Bottleneck(stem1, stem2),
             nn.MaxPool2d(2, 2),
-            Bottleneck(STEM_CHANNELS[1], STEM_CHANNELS[1]),
-            Bottleneck(STEM_CHANNELS[1], width),
+            Bottleneck(stem2, stem2),
+            Bottleneck(stem2, width),
         )
         self.hgs = nn.ModuleList(
             Hourglass(
