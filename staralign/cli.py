@@ -17,6 +17,11 @@ from . import __version__
 
 COMMAND_MODULES = [
     "staralign.bench",
+    "staralign.data.cli",
+    "staralign.engine.cli",
+    "staralign.engine.test_cli",
+    "staralign.inference.cli",
+    "staralign.web.cli",
 ]
 
 
