@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "staralign.data.cli",
     "staralign.engine.cli",
     "staralign.engine.test_cli",
+    "staralign.experiments.cli",
     "staralign.inference.cli",
     "staralign.web.cli",
 ]

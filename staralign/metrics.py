@@ -26,7 +26,7 @@ AUC_STEP = 1e-4
 def _as_tensor(x) -> tuple[torch.Tensor, bool]:
     if isinstance(x, torch.Tensor):
         return x.detach(), True
-    return torch.as_tensor(np.asarray(x, dtype=np.float64)), False
+    return torch.from_numpy(np.array(x, dtype=np.float64)), False
 
 
 def normalising_distance(gt, definition: str | LandmarkDefinition, norm: str = "default"):

@@ -377,6 +377,13 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                     src = ema.module if best["source"] == "ema" else model
                     save_model(src, run_dir / "best.safetensors")
             checkpoint(epoch + 1, 0)
+            if not stopped and budget_s and epoch + 1 < oc.epochs:
+                # Stop at an epoch boundary when another epoch (at the mean pace so far,
+                # validation included) would overrun the budget.
+                done = epoch + 1 - start_epoch
+                elapsed = time.monotonic() - t_start
+                if elapsed + elapsed / done > budget_s:
+                    stopped = f"time budget of {rt.time_budget_minutes:g} min: another epoch would not fit"
             if stopped:
                 log.info("stopping: %s after epoch %d", stopped, epoch + 1)
                 break

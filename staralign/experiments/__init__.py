@@ -1,0 +1,1 @@
+"""Experiments on synthetic faces: the one-command demo and the ambiguity study."""

@@ -1,0 +1,49 @@
+"""``staralign demo`` and ``staralign experiment ambiguity``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes, train=args.train, test=args.test, seed=args.seed,
+             device=args.device, workers=args.workers)
+    return 0
+
+
+def _run_ambiguity(args: argparse.Namespace) -> int:
+    from .ambiguity import run_ambiguity_experiment
+
+    run_ambiguity_experiment(args.out, seeds=args.seeds, sigma=args.sigma, train=args.train, test=args.test,
+                             epochs=args.epochs, methods=tuple(args.methods), device=args.device,
+                             workers=args.workers)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="draw synthetic faces, train the tiny preset, evaluate, write a report")
+    p.add_argument("--out", default="demo_out", help="output folder (data/, run/, report/)")
+    p.add_argument("--minutes", type=float, default=10.0, help="time bound for the whole demo (default 10)")
+    p.add_argument("--train", type=int, default=1500, help="synthetic training faces")
+    p.add_argument("--test", type=int, default=200, help="synthetic test faces")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes")
+    p.set_defaults(func=_run_demo)
+
+    e = sub.add_parser("experiment", help="experiments on synthetic data")
+    esub = e.add_subparsers(dest="experiment", metavar="NAME", required=True)
+    a = esub.add_parser("ambiguity", help="STAR vs baselines on labels with contour ambiguity")
+    a.add_argument("--out", required=True)
+    a.add_argument("--seeds", type=int, default=3)
+    a.add_argument("--sigma", type=float, default=0.05,
+                   help="training label noise along contours, in inter-ocular distances")
+    a.add_argument("--train", type=int, default=1500)
+    a.add_argument("--test", type=int, default=300)
+    a.add_argument("--epochs", type=int, default=8)
+    a.add_argument("--methods", nargs="+", default=["star", "aam", "l2"], choices=["star", "aam", "l2"])
+    a.add_argument("--device", default="auto")
+    a.add_argument("--workers", type=int, default=1)
+    a.set_defaults(func=_run_ambiguity)

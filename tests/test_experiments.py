@@ -1,0 +1,65 @@
+"""The demo and the ambiguity experiment, at toy scale (their real scale is minutes, not seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from staralign.experiments.ambiguity import format_results, run_ambiguity_experiment, split_errors
+from staralign.experiments.demo import run_demo
+
+SMALL = {
+    "model": {"nstack": 1, "nlevels": 2, "channels": 16, "stem_channels": [8, 16], "input_size": 64},
+    "optim": {"epochs": 2, "batch_size": 8},
+    "data": {"workers": 0},
+}
+
+
+def test_demo_end_to_end_writes_its_report(tmp_path):
+    result = run_demo(tmp_path, minutes=5, train=24, test=8, workers=0, quiet=True, overrides=SMALL)
+    report = tmp_path / "report"
+    for name in ("metrics.json", "demo.json", "per_sample.csv", "per_landmark.csv"):
+        assert (report / name).exists(), name
+    for name in ("ced.png", "predictions.png", "per_landmark_nme.png"):
+        image = cv2.imread(str(report / name))
+        assert image is not None and image.size > 0, name
+    demo = json.loads((report / "demo.json").read_text())
+    assert demo["nme"] == pytest.approx(result.nme)
+    assert 0 < demo["mean_shape_baseline_nme"] < 1
+    assert demo["epochs"] == 2
+    assert (tmp_path / "run" / "best.safetensors").exists()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["runs"]["tiny"]["count"] == 8
+
+
+def test_split_errors_separates_tangent_and_normal():
+    gt = np.zeros((2, 98, 2))
+    tangents = np.zeros((2, 98, 2))
+    tangents[..., 0] = 1.0  # every contour tangent along +x
+    kinds = np.zeros(98, np.int8)
+    kinds[[60, 72]] = 1
+    along = gt + np.array([0.5, 0.0])
+    across = gt + np.array([0.0, 0.25])
+    iod = np.array([10.0, 10.0])
+    a = split_errors(along, gt, tangents, kinds, iod)
+    b = split_errors(across, gt, tangents, kinds, iod)
+    assert a["tangent"] == pytest.approx(0.05) and a["normal"] == pytest.approx(0.0)
+    assert b["tangent"] == pytest.approx(0.0) and b["normal"] == pytest.approx(0.025)
+    assert a["corner_nme"] == pytest.approx(0.05)
+
+
+def test_ambiguity_experiment_runs_and_reports(tmp_path):
+    result = run_ambiguity_experiment(tmp_path, seeds=2, sigma=0.05, train=16, test=6, epochs=1,
+                                      methods=("star", "l2"), workers=0, overrides=SMALL, quiet=True)
+    assert set(result["summary"]) == {"star", "l2"}
+    assert len(result["runs"]) == 4
+    for stats in result["summary"].values():
+        assert stats["tangent"]["mean"] > 0 and stats["normal"]["mean"] > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| star |" in text and "| l2 |" in text and "Wall time" in text
+    assert format_results(result["summary"], 2).count("\n") >= 3
+    with pytest.raises(ValueError, match="unknown method"):
+        run_ambiguity_experiment(tmp_path / "x", methods=("nope",), quiet=True)
