@@ -349,6 +349,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                 log.info("stopping: %s (mid-epoch %d, checkpointed at step %d)", stopped, epoch + 1, step + 1)
                 break
 
+            train_seconds = time.monotonic() - t_epoch
+            # Images per second over the epoch's training steps (all processes), data loading included.
+            images_per_s = n_logged * oc.batch_size * env.world_size / max(train_seconds, 1e-9)
             scheduler.step()
             val = {"model": evaluate_nme(unwrap(model), val_loader, definition, env.device, rt.amp)}
             if ema is not None:
@@ -361,14 +364,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             record = {"kind": "val", "epoch": epoch + 1, "nme": val["model"], "nme_ema": val.get("ema"),
                       "best_nme": best["nme"], "best_epoch": best["epoch"],
                       "train_loss": sums.get("loss", 0.0) / max(n_logged, 1),
-                      "epoch_seconds": time.monotonic() - t_epoch, "skipped_batches": skipped,
+                      "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": train_seconds,
+                      "images_per_s": images_per_s, "skipped_batches": skipped,
                       "lr": optimizer.param_groups[0]["lr"]}
             history.append(record)
             metrics.write(record, (epoch + 1) * steps_per_epoch)
-            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s",
+            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s (%.1f images/s)",
                      epoch + 1, oc.epochs, record["train_loss"], val["model"],
                      f", EMA {val['ema']:.4f}" if "ema" in val else "", best["nme"], best["epoch"],
-                     best["source"], record["epoch_seconds"])
+                     best["source"], record["epoch_seconds"], images_per_s)
             if env.is_main:
                 save_model(model, run_dir / "last.safetensors")
                 if ema is not None:
