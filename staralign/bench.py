@@ -114,6 +114,7 @@ def _loss_args(p) -> None:
     p.add_argument("--size", type=int, default=64, help="heatmap side")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (fuses its small kernels)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the reference-style implementation (CPU eigh round trip)")
 
@@ -165,7 +166,7 @@ def bench_loss(args) -> dict:
     shape = (args.batch_size, args.points, args.size, args.size)
     heat = torch.rand(shape, generator=gen).pow(8).to(device=device, dtype=dtype).requires_grad_(True)
     gt = (torch.rand(shape[:2] + (2,), generator=gen) * 1.6 - 0.8).to(device)
-    loss_fn = STARLoss()
+    loss_fn = torch.compile(STARLoss()) if args.compile else STARLoss()
 
     def step(fn):
         def run():
@@ -174,7 +175,7 @@ def bench_loss(args) -> dict:
 
         return run
 
-    result: dict[str, Any] = {"bench": "loss", "shape": list(shape), "dtype": args.dtype}
+    result: dict[str, Any] = {"bench": "loss", "shape": list(shape), "dtype": args.dtype, "compile": args.compile}
     result.update(device_info(device))
     result["staralign"] = time_fn(step(loss_fn), device, iters=args.iters)
     if not args.no_baseline and args.dtype == "float32":
@@ -535,6 +536,9 @@ def _train_args(p) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--targets", choices=["device", "none"], default="device",
+                   help="build point/edge map targets on the device every step, or once up front "
+                        "(as when loader workers build them)")
     p.add_argument("--original-style", action="store_true",
                    help="the original's costs: anomaly detection on, a Python loop per tensor for the EMA, "
                         "STAR's eigen-decomposition on the CPU (same network and maths)")
@@ -598,6 +602,8 @@ def bench_train(args) -> dict:
         ema = ModelEMA(model, decay)
         update_ema = lambda: ema.update(model)  # noqa: E731
     net = torch.compile(model) if args.compile else model
+    if args.compile:
+        criterion = torch.compile(criterion)
 
     gen = torch.Generator().manual_seed(0)
     b, size = args.batch_size, args.input_size
@@ -613,9 +619,14 @@ def bench_train(args) -> dict:
            else torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
+    fixed_targets = (point_maps_torch(points, size, hsize), edge_maps_torch(points, definition, size, hsize))
+
     def step() -> None:
-        pm = point_maps_torch(points, size, hsize)
-        em = edge_maps_torch(points, definition, size, hsize)
+        if args.targets == "device":
+            pm = point_maps_torch(points, size, hsize)
+            em = edge_maps_torch(points, definition, size, hsize)
+        else:
+            pm, em = fixed_targets
         anomaly = torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext()
         with amp:
             out = net(images)
@@ -636,6 +647,7 @@ def bench_train(args) -> dict:
         "model": {"nstack": args.nstack, "nlevels": args.nlevels, "channels": args.channels,
                   "input_size": size, "definition": definition.name},
         "options": {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                    "targets": args.targets,
                     "cudnn_benchmark": args.cudnn_benchmark, "original_style": args.original_style},
     }
     result.update(device_info(device))

@@ -88,7 +88,9 @@ class DataConfig:
     val_file: str = "test.tsv"
     aug_prob: float = 1.0  # share of training samples that get flip/geometry/texture augmentation
     workers: int = 4  # DataLoader worker processes per training process
-    targets: str = "device"  # build point/edge maps on the training device ("device") or in workers
+    # Where point/edge map targets are built: in the loader workers ("worker", which keeps
+    # the GPU free: the CPU cores have time to spare) or on the training device ("device").
+    targets: str = "worker"
     skip_bad_rows: bool = False  # skip (and count) malformed annotation rows instead of stopping
     val_batch_size: int = 32
 

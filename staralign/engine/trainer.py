@@ -217,6 +217,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         decay = oc.ema_decay if oc.ema_decay is not None else default_decay(oc.batch_size * env.world_size)
         ema = ModelEMA(model, decay) if oc.ema else None
         criterion = RecipeLoss(config.loss)
+        needs_maps = criterion.uses_maps and config.model.use_aam
         optimizer = build_optimizer(model, oc)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(oc.milestones), gamma=oc.gamma)
         scaler = torch.amp.GradScaler(env.device.type, enabled=rt.amp == "fp16")
@@ -243,6 +244,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             )
         if rt.compile:
             net = torch.compile(net)
+            criterion = torch.compile(criterion)  # fuses STAR's many small per-landmark kernels
 
         metrics = _Metrics(run_dir, env.is_main, rt.tensorboard)
         steps_per_epoch = sampler.batches_per_epoch()
@@ -287,7 +289,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                     images = images.contiguous(memory_format=torch.channels_last)
                 landmarks = batch["landmarks"].to(env.device, non_blocking=True)
                 pointmaps = edgemaps = None
-                if criterion.uses_maps and config.model.use_aam:
+                if needs_maps:
                     if "pointmaps" in batch:
                         pointmaps = batch["pointmaps"].to(env.device, non_blocking=True)
                         edgemaps = batch["edgemaps"].to(env.device, non_blocking=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,16 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
 
 
 def _report(progress: bool, rows: dict[str, list], counts: dict[str, int]) -> None:
-    if progress:
-        done = sum(len(v) for v in rows.values())
-        print(f"\rsynth: {done}/{sum(counts.values())} faces", end="", flush=True)
+    if not progress:
+        return
+    done, total = sum(len(v) for v in rows.values()), sum(counts.values())
+    if sys.stdout.isatty():
+        print(f"\rsynth: {done}/{total} faces", end="\n" if done == total else "", flush=True)
+    else:  # a log file: one line per quarter
+        quarter = done * 4 // max(total, 1)
+        if quarter > _LAST_QUARTER.get(id(rows), -1):
+            _LAST_QUARTER[id(rows)] = quarter
+            print(f"synth: {done}/{total} faces", flush=True)
+
+
+_LAST_QUARTER: dict[int, int] = {}
