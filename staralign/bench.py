@@ -36,13 +36,12 @@ def bench(name: str, add_arguments: Callable):
 
 
 def resolve_device(name: str):
-    import torch
+    from .devices import resolve_device as resolve
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("staralign bench: --device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return resolve(name)
+    except ValueError as exc:
+        raise SystemExit(f"staralign bench: {exc}") from None
 
 
 def device_info(device) -> dict[str, Any]:

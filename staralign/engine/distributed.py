@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from ..devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -35,18 +37,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU if there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
 
 
 def setup(device: str = "auto") -> DistEnv:

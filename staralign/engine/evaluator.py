@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from ..data.annotations import WFLW_TAGS, Annotation, read_annotations
 from ..definitions import LandmarkDefinition, get_definition
 from ..metrics import NORMS, fr_auc, point_errors
 from ..metrics import nme as nme_fn
+from ..models.speed import autocast
 from . import distributed as D
 
 __all__ = [
@@ -69,12 +69,6 @@ COMMON_FILE, CHALLENGE_FILE, TEST_FILE = "test_common.tsv", "test_challenge.tsv"
 # OpenMP regions per face).  16 is never far from the best.
 CPU_MICRO_BATCH = 16
 
-
-def _autocast(device: torch.device, amp: str):
-    if amp in ("none", "", None):
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def flip_landmarks(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
@@ -109,7 +103,7 @@ def predict_batch(
     faster in moderate batches; the result is the same).
     """
     kwargs = {"all_stacks": False} if _accepts_all_stacks(model) else {}
-    with _autocast(images.device, amp):
+    with autocast(images.device, amp):
         pred = _forward(model, images, kwargs, micro_batch)
         if flip_test:
             mirrored = _forward(model, torch.flip(images, dims=[-1]), kwargs, micro_batch)

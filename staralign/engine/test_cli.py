@@ -171,7 +171,7 @@ def run_test(args: argparse.Namespace) -> int:
 
     from ..cli import UserError
     from ..data.images import ImageReadError
-    from ..inference.torch_backend import resolve_device
+    from ..devices import resolve_device
     from .evaluator import evaluate_model
     from .report import build_summary, format_table, json_text, write_json, write_report
 

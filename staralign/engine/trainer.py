@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader
 from ..config import TrainConfig, save_yaml, to_dict
 from ..definitions import LandmarkDefinition, get_definition
 from ..losses.recipe import RecipeLoss
+from ..models.speed import autocast
 from . import distributed as D
 from .ema import ModelEMA, default_decay, unwrap
 from .state import load_state, rng_state, save_state, set_rng_state
@@ -116,12 +116,6 @@ class _Metrics:
         if self.tb is not None:
             self.tb.close()
 
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.DistEnv):
@@ -296,7 +290,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                     else:
                         pointmaps, edgemaps = device_targets(batch["points"].to(env.device, non_blocking=True))
 
-                with _autocast(env.device, rt.amp):
+                with autocast(env.device, rt.amp):
                     output = net(images)
                 loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
                 optimizer.zero_grad(set_to_none=True)

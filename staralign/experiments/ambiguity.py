@@ -131,6 +131,7 @@ def run_ambiguity_experiment(
 
     from ..config import load_preset, merge
     from ..data.synth import generate_dataset, point_kinds
+    from ..devices import resolve_device
     from ..engine.evaluator import crop_to_image_space, evaluate_model, load_test_set
     from ..engine.trainer import train as train_run
     from ..metrics import normalising_distance
@@ -167,8 +168,7 @@ def run_ambiguity_experiment(
             say(f"training {method} (seed {seed}) -> {run_dir}")
             t = time.monotonic()
             train_run(config, run_dir)
-            dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                               ("cpu" if device == "auto" else device))
+            dev = resolve_device(device)
             # The last weights: every method gets the same schedule, no selection on the test set.
             model = load_model(run_dir / "last.safetensors", map_location=dev)
             test_set = load_test_set(model.definition, data, data)

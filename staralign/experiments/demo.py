@@ -99,10 +99,10 @@ def run_demo(
 
     ``overrides`` (nested TrainConfig fields) change the training set-up, e.g. for tests.
     """
-    import torch
 
     from ..config import load_preset, merge, save_yaml
     from ..data.synth import generate_dataset
+    from ..devices import resolve_device
     from ..engine.evaluator import evaluate_model, load_test_set
     from ..engine.report import build_summary, format_table, write_json, write_report
     from ..engine.trainer import train as train_run
@@ -141,8 +141,7 @@ def run_demo(
 
     say("[3/4] evaluating the best checkpoint on the test faces")
     t2 = time.monotonic()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = load_model(run_dir / "best.safetensors", map_location=dev)
     test_set = load_test_set(model.definition, data_dir, data_dir)
     thresholds = [model.definition.fr_auc_threshold]

@@ -9,20 +9,11 @@ import torch
 from torch import nn
 
 from ..definitions import LandmarkDefinition
+from ..devices import resolve_device
 from ..heatmaps import heatmap_moments
 from ..models import load_model
 
 __all__ = ["TorchBackend", "resolve_device"]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU if there is one, else the CPU; a missing GPU is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but no CUDA device is available")
-    return dev
 
 
 class TorchBackend:

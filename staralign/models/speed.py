@@ -36,7 +36,7 @@ def autocast(device: torch.device | str, amp: str | None) -> contextlib.Abstract
     saves nothing, and a cache filled during CUDA graph capture would be freed
     under the graph.
     """
-    if amp is None:
+    if amp in (None, "", "none"):
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
