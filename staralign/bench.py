@@ -494,9 +494,16 @@ def bench_data(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="staralign-bench-data-") as tmp:
         folder = Path(tmp)
         tsv = _write_bench_dataset(folder, definition, args.images, args.size, args.seed)
-        for mode, key in (("worker", "worker_targets"), ("none", "device_targets")):
-            ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed, targets=mode)
+        # The trainer's three ways (data.targets): all maps in the workers (float images), edge
+        # maps in the workers with 8-bit images ("mixed"), no maps in the workers (8-bit images).
+        for mode, dtype, key in (("worker", "float32", "worker_targets"), ("edges", "uint8", "mixed_targets"),
+                                 ("none", "uint8", "device_targets")):
+            ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed, targets=mode,
+                                 image_dtype=dtype)
             result[key] = _loader_rate(ds, args.workers, args.batch_size, samples)
+            sample = ds[0]
+            result[key]["bytes_per_sample"] = sum(v.numel() * v.element_size() for v in sample.values()
+                                                  if isinstance(v, torch.Tensor))
         if args.profile_samples > 0:
             ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed)
             result["profile_ms_per_sample"] = _stage_profile(ds, args.profile_samples)

@@ -78,6 +78,9 @@ class ModelConfig:
 LANDMARK_LOSSES = ("star", "star_v1", "smoothl1", "l1", "l2", "wing", "none")
 
 
+TARGET_PLACEMENTS = ("auto", "worker", "mixed", "device")
+
+
 @dataclass
 class DataConfig:
     """Where the data is and how it is read."""
@@ -88,15 +91,20 @@ class DataConfig:
     val_file: str = "test.tsv"
     aug_prob: float = 1.0  # share of training samples that get flip/geometry/texture augmentation
     workers: int = 4  # DataLoader worker processes per training process
-    # Where point/edge map targets are built: in the loader workers ("worker", which keeps
-    # the GPU free: the CPU cores have time to spare) or on the training device ("device").
-    targets: str = "worker"
+    # Where point/edge map targets are built (all exact, a speed choice only): in the loader
+    # workers ("worker"), on the training device ("device"), or "mixed": edge maps in the
+    # workers (a rasteriser: slow on a GPU, small to send) and point maps on the device (one
+    # fused kernel there, but N maps a sample to send).  "auto": mixed on CUDA, else worker.
+    targets: str = "auto"
+    # Send training crops from the workers as 8-bit pixels and normalise them on the device
+    # (a quarter of the bytes through shared memory, pinning and the bus; bit-identical).
+    uint8_images: bool = True
     skip_bad_rows: bool = False  # skip (and count) malformed annotation rows instead of stopping
     val_batch_size: int = 32
 
     def validate(self) -> None:
-        if self.targets not in ("device", "worker"):
-            raise ConfigError(f"data.targets: must be 'device' or 'worker', got {self.targets!r}")
+        if self.targets not in TARGET_PLACEMENTS:
+            raise ConfigError(f"data.targets: must be one of {', '.join(TARGET_PLACEMENTS)}, got {self.targets!r}")
         if not 0 <= self.aug_prob <= 1:
             raise ConfigError(f"data.aug_prob: must be in [0, 1], got {self.aug_prob}")
         if self.workers < 0:

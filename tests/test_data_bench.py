@@ -16,9 +16,13 @@ def test_bench_data_prints_json(capsys):
     assert len(out) == 1
     result = json.loads(out[0])
     assert result["bench"] == "data" and result["definition"] == "COFW" and result["workers"] == 0
-    for mode in ("worker_targets", "device_targets"):
+    for mode in ("worker_targets", "mixed_targets", "device_targets"):
         r = result[mode]
+        assert r["bytes_per_sample"] > 0
         assert r["samples"] == 4 and r["samples_per_s"] > 0
         assert r["samples_per_s_per_core"] == r["samples_per_s"]  # 0 workers: one core
+    # 8-bit images and no point maps: each mode sends less than the one before.
+    sizes = [result[m]["bytes_per_sample"] for m in ("worker_targets", "mixed_targets", "device_targets")]
+    assert sizes[0] > sizes[1] > sizes[2]
     assert set(result["profile_ms_per_sample"]) >= {"decode", "point_maps", "edge_maps", "total"}
     assert result["device_targets_ms_per_batch"]["ms_median"] > 0

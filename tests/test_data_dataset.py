@@ -17,6 +17,7 @@ from staralign.data.dataset import (
     LandmarkDataset,
     collate_samples,
     find_annotation_file,
+    normalize_image,
     worker_init_fn,
 )
 from staralign.data.images import ImageReadError, read_image
@@ -187,6 +188,25 @@ def test_worker_and_device_targets_agree(tmp_path):
     assert torch.allclose(point_maps_torch(b["points"]), a["pointmaps"], atol=1e-6)
     assert np.allclose(a["edgemaps"][1].numpy(), edge_maps(a["points"][1].numpy(), d))
     assert np.allclose(a["pointmaps"][0].numpy(), point_maps(a["points"][0].numpy()))
+
+
+def test_mixed_targets_and_8bit_images_are_exact(tmp_path):
+    # The trainer's "mixed" mode: edge maps from the workers, 8-bit crops normalised later;
+    # the sample must be the float path's to the last bit.
+    d = get_definition("COFW")
+    rng = np.random.default_rng(3)
+    base = rng.uniform(150, 250, (29, 2)).astype(np.float32)
+    tsv = _write(tmp_path, [rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)], [base])
+    full = LandmarkDataset(tsv, tmp_path, d, train=True, targets="worker")
+    mixed = LandmarkDataset(tsv, tmp_path, d, train=True, targets="edges", image_dtype="uint8")
+    a, b = collate_samples([full[0]]), collate_samples([mixed[0]])
+    assert b["image"].dtype == torch.uint8 and "pointmaps" not in b
+    assert torch.equal(normalize_image(b["image"]), a["image"])
+    assert torch.equal(b["edgemaps"], a["edgemaps"]) and torch.equal(b["points"], a["points"])
+    assert torch.allclose(point_maps_torch(b["points"]), a["pointmaps"], atol=1e-6)
+    assert normalize_image(a["image"]) is a["image"]  # float input passes through
+    with pytest.raises(ValueError, match="image_dtype"):
+        LandmarkDataset(tsv, tmp_path, d, train=True, image_dtype="float16")
 
 
 # --------------------------------------------------------------------------- errors

@@ -63,3 +63,21 @@ def test_ambiguity_experiment_runs_and_reports(tmp_path):
     assert format_results(result["summary"], 2).count("\n") >= 3
     with pytest.raises(ValueError, match="unknown method"):
         run_ambiguity_experiment(tmp_path / "x", methods=("nope",), quiet=True)
+
+
+def test_ambiguity_experiment_resumes_without_redoing_work(tmp_path):
+    kw = dict(sigma=0.05, train=16, test=6, epochs=1, methods=("l2",), workers=0, overrides=SMALL, quiet=True)
+    first = run_ambiguity_experiment(tmp_path, seeds=1, **kw)
+    image = next(p for p in (tmp_path / "data" / "images").rglob("*") if p.is_file())
+    weights = tmp_path / "runs" / "l2_seed0" / "last.safetensors"
+    stamps = image.stat().st_mtime_ns, weights.stat().st_mtime_ns
+    second = run_ambiguity_experiment(tmp_path, seeds=2, resume=True, **kw)
+    # Data and the finished run are reused as they are; only the new seed trains.
+    assert (image.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
+    assert len(second["runs"]) == 2
+    assert second["runs"][0]["nme"] == pytest.approx(first["runs"][0]["nme"], rel=1e-6)
+    assert second["runs"][0]["train_seconds"] == pytest.approx(first["runs"][0]["train_seconds"])
+    assert (tmp_path / "runs" / "l2_seed1" / "last.safetensors").exists()
+    # Different data parameters are never mixed with old runs' data: it is drawn again.
+    run_ambiguity_experiment(tmp_path / "other", seeds=1, resume=True, **kw)
+    assert json.loads((tmp_path / "other" / "data" / "experiment_data.json").read_text())["train"] == 16

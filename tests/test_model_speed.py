@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 
 import pytest
@@ -72,8 +73,12 @@ def test_cuda_graphs_and_autocast_match_eager(amp, tolerance, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     reference = tiny_model("cuda")
     x = images(1, device="cuda")
+    # A copy nobody else holds: the runner must keep the weights its graph reads alive
+    # (it once did not, and replayed NaN from freed memory).
     fn = make_inference_fn(copy.deepcopy(reference), channels_last=True, amp=amp,
                            cuda_graphs=True, example=x)
+    gc.collect()
+    torch.cuda.empty_cache()
     with torch.inference_mode():
         assert max_landmark_difference(fn, reference, x) < tolerance
         other = images(1, device="cuda") * 0.5

@@ -13,13 +13,17 @@ mode, just crop and warp.
 
 Each sample is a dict:
 
-``image``      (3, S, S) float32, BGR, ``(pixel - 127.5) / 127.5``
+``image``      (3, S, S) float32, BGR, ``(pixel - 127.5) / 127.5``; with ``image_dtype="uint8"``
+               the 8-bit pixels, normalised later by :func:`normalize_image` (a quarter of
+               the bytes to send from a worker; the result is the same to the last bit)
 ``landmarks``  (N, 2) float32 in [-1, 1] (align_corners=False, clamped)
 ``points``     (N, 2) float32 crop pixels, not clamped (device-side targets use them)
 ``matrix``     (3, 3) float32, original image pixels -> crop pixels (see below)
 ``tags``       (T,) int64 attribute flags (T = 0 when the file has none)
 ``index``      int, ``image_path`` str, ``flipped`` bool
-``pointmaps``  (N, H, H) and ``edgemaps`` (E, H, H) float32, only with ``targets="worker"``
+``pointmaps``  (N, H, H) float32, only with ``targets="worker"``
+``edgemaps``   (E, H, H) float32, with ``targets="worker"`` or ``"edges"`` (point maps are cheap
+               to build on a GPU and costly to send, edge maps the other way round)
 
 ``matrix`` maps the annotation's landmark coordinates to the crop; when the sample
 was flipped it includes the landmark flip (and the landmarks were permuted by the
@@ -64,11 +68,13 @@ __all__ = [
     "LandmarkDataset",
     "collate_samples",
     "find_annotation_file",
+    "normalize_image",
     "sample_rng",
     "worker_init_fn",
 ]
 
-TARGET_MODES = ("worker", "none")
+TARGET_MODES = ("worker", "edges", "none")
+IMAGE_DTYPES = ("float32", "uint8")
 
 
 class DataWarning(UserWarning):
@@ -123,9 +129,13 @@ class LandmarkDataset(Dataset):
         geometry: GeometryAugment | None = None,
         texture: TextureAugment | None = None,
         sigma: float = 1.5,
+        image_dtype: str = "float32",
     ) -> None:
         if targets not in TARGET_MODES:
             raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+        if image_dtype not in IMAGE_DTYPES:
+            raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
+        self.image_dtype = image_dtype
         if not 0.0 <= aug_prob <= 1.0:
             raise ValueError(f"aug_prob must be in [0, 1], got {aug_prob}")
         self.definition = get_definition(definition)
@@ -218,7 +228,8 @@ class LandmarkDataset(Dataset):
             tex_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             crop = apply_texture(crop, tex_rng, self.texture)
         sample: dict[str, Any] = {
-            "image": image_to_tensor(crop),
+            "image": (torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+                      if self.image_dtype == "uint8" else image_to_tensor(crop)),
             "landmarks": torch.from_numpy(normalize_points(points, size).astype(np.float32)),
             "points": torch.from_numpy(points.astype(np.float32)),
             "matrix": torch.from_numpy(point_m.astype(np.float32)),
@@ -229,8 +240,17 @@ class LandmarkDataset(Dataset):
         }
         if self.targets == "worker":
             sample["pointmaps"] = torch.from_numpy(point_maps(points, size, self.heatmap_size, self.sigma))
+        if self.targets in ("worker", "edges"):
             sample["edgemaps"] = torch.from_numpy(edge_maps(points, self.definition, size, self.heatmap_size))
         return sample
+
+
+def normalize_image(images: Tensor) -> Tensor:
+    """8-bit images (any shape, any device) -> float32 ``(pixel - 127.5) / 127.5``, exactly as
+    the dataset's float path; float input is returned unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).sub_(127.5).div_(127.5)
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:

@@ -27,7 +27,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-file", help="training annotation file name (default train.tsv)")
     g.add_argument("--val-file", help="validation annotation file name (default test.tsv)")
     g.add_argument("--workers", type=int, help="data loader processes per training process")
-    g.add_argument("--targets", choices=["device", "worker"], help="where point/edge map targets are built")
+    g.add_argument("--targets", choices=["auto", "worker", "mixed", "device"],
+                   help="where point/edge map targets are built: loader workers, mixed (edge maps in the "
+                        "workers, point maps on the device), or the device; auto = mixed on CUDA, else worker")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed annotation rows")
     g = p.add_argument_group("model")
     g.add_argument("--nstack", type=int)

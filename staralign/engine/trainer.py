@@ -118,6 +118,15 @@ class _Metrics:
 
 
 
+def resolve_targets(targets: str, device: torch.device) -> str:
+    """``data.targets`` made concrete: "auto" is "mixed" on CUDA (there it measured 1.1-1.2x
+    "worker" end to end and level with "device", whose edge rasteriser costs the GPU ~24 ms a
+    batch; docs/benchmarks.md) and "worker" elsewhere (the workers run beside a CPU step)."""
+    if targets == "auto":
+        return "mixed" if device.type == "cuda" else "worker"
+    return targets
+
+
 def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.DistEnv):
     """Training and validation datasets and loaders (sharded across processes)."""
     from ..data.dataset import LandmarkDataset, collate_samples, find_annotation_file, worker_init_fn
@@ -125,11 +134,13 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
     dc, mc = config.data, config.model
     train_file = find_annotation_file(dc.annot_dir, definition.name, dc.train_file)
     val_file = find_annotation_file(dc.annot_dir, definition.name, dc.val_file)
-    targets = "worker" if (dc.targets == "worker" and mc.use_aam) else "none"
+    placement = resolve_targets(dc.targets, env.device)
+    targets = {"worker": "worker", "mixed": "edges"}.get(placement, "none") if mc.use_aam else "none"
     train_ds = LandmarkDataset(
         train_file, dc.image_dir, definition, train=True, input_size=mc.input_size,
         heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets=targets,
         skip_bad_rows=dc.skip_bad_rows, aug_prob=dc.aug_prob,
+        image_dtype="uint8" if dc.uint8_images else "float32",
     )
     val_ds = LandmarkDataset(
         val_file, dc.image_dir, definition, train=False, input_size=mc.input_size,
@@ -166,6 +177,7 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
+    from ..data.dataset import normalize_image
     from ..data.targets import edge_maps_torch, point_maps_torch
     from ..models import build_model, save_model
     from .evaluator import evaluate_nme
@@ -199,9 +211,6 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         definition = get_definition(config.model.definition)
         train_ds, _, train_loader, val_loader, sampler = build_loaders(config, definition, env)
         size, hsize = config.model.input_size, config.model.heatmap_size
-
-        def device_targets(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return point_maps_torch(points, size, hsize), edge_maps_torch(points, definition, size, hsize)
 
         model = build_model(config.model, definition).to(env.device)
         if rt.sync_bn and env.distributed:
@@ -277,18 +286,24 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                                  desc=f"epoch {epoch + 1}/{oc.epochs}")
             t_epoch = time.monotonic()
             step = first_step
-            for step, batch in enumerate(train_loader, start=first_step):
-                images = batch["image"].to(env.device, non_blocking=True)
+            waited = [0.0]  # seconds the loop blocked on the loader this epoch
+            for step, batch in enumerate(_timed(train_loader, waited), start=first_step):
+                images = normalize_image(batch["image"].to(env.device, non_blocking=True))
                 if rt.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 landmarks = batch["landmarks"].to(env.device, non_blocking=True)
                 pointmaps = edgemaps = None
                 if needs_maps:
+                    # Whatever the loader did not build is built here, on the device (exact either way).
+                    points = batch["points"].to(env.device, non_blocking=True)
                     if "pointmaps" in batch:
                         pointmaps = batch["pointmaps"].to(env.device, non_blocking=True)
+                    else:
+                        pointmaps = point_maps_torch(points, size, hsize)
+                    if "edgemaps" in batch:
                         edgemaps = batch["edgemaps"].to(env.device, non_blocking=True)
                     else:
-                        pointmaps, edgemaps = device_targets(batch["points"].to(env.device, non_blocking=True))
+                        edgemaps = edge_maps_torch(points, definition, size, hsize)
 
                 with autocast(env.device, rt.amp):
                     output = net(images)
@@ -361,14 +376,16 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                       "best_nme": best["nme"], "best_epoch": best["epoch"],
                       "train_loss": sums.get("loss", 0.0) / max(n_logged, 1),
                       "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": train_seconds,
-                      "images_per_s": images_per_s, "skipped_batches": skipped,
+                      "images_per_s": images_per_s, "data_wait_seconds": waited[0],
+                      "skipped_batches": skipped,
                       "lr": optimizer.param_groups[0]["lr"]}
             history.append(record)
             metrics.write(record, (epoch + 1) * steps_per_epoch)
-            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s (%.1f images/s)",
+            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s "
+                     "(%.1f images/s, %.1f s waiting for data)",
                      epoch + 1, oc.epochs, record["train_loss"], val["model"],
                      f", EMA {val['ema']:.4f}" if "ema" in val else "", best["nme"], best["epoch"],
-                     best["source"], record["epoch_seconds"], images_per_s)
+                     best["source"], record["epoch_seconds"], images_per_s, waited[0])
             if env.is_main:
                 save_model(model, run_dir / "last.safetensors")
                 if ema is not None:
@@ -395,6 +412,22 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                            skipped, stopped, history)
     finally:
         D.teardown()
+
+
+def _timed(loader, waited: list[float]):
+    """Iterate ``loader``, adding the time spent waiting for each batch to ``waited[0]``.
+
+    The step ends with a host sync, so this is time the device had no work from us: a
+    loader that keeps up shows near zero (reported per epoch as ``data_wait_seconds``)."""
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield batch
 
 
 def build_optimizer(model: nn.Module, oc) -> torch.optim.Optimizer:

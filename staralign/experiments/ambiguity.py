@@ -52,7 +52,8 @@ class RunErrors:
     normal: float  # mean |error . normal| over contour points
     contour_nme: float  # mean |error| over contour points
     corner_nme: float  # mean |error| over corner/end points
-    seconds: float
+    seconds: float  # wall time of this invocation's training and evaluation
+    train_seconds: float = 0.0  # training time over all epochs, summed across resumes
 
 
 def split_errors(
@@ -78,6 +79,18 @@ def split_errors(
         "contour_nme": float(size[:, contour].mean()),
         "corner_nme": float(size[:, corner].mean()),
     }
+
+
+def _train_seconds(run_dir: Path) -> float:
+    """Training time summed over the run's epochs (validation included), across resumes."""
+    per_epoch: dict[int, float] = {}  # by epoch: an epoch repeated after a resume counts once
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "val":
+                per_epoch[int(rec["epoch"])] = float(rec.get("epoch_seconds", 0.0))
+    return sum(per_epoch.values())
 
 
 def _summarise(runs: list[RunErrors]) -> dict[str, dict[str, dict[str, float]]]:
@@ -125,8 +138,14 @@ def run_ambiguity_experiment(
     data_seed: int = 0,
     overrides: dict[str, Any] | None = None,
     quiet: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train every (method, seed), evaluate on exact test labels, write ``results.json`` and ``results.md``."""
+    """Train every (method, seed), evaluate on exact test labels, write ``results.json`` and ``results.md``.
+
+    With ``resume``, an interrupted experiment continues: the data is reused when it was drawn with
+    the same parameters, finished runs are only evaluated, and a partial run resumes from its
+    last checkpoint (the trainer's own resume).
+    """
     import torch
 
     from ..config import load_preset, merge
@@ -147,9 +166,16 @@ def run_ambiguity_experiment(
     t0 = time.monotonic()
     out = Path(out_dir)
     data = out / "data"
-    say(f"drawing {train} training faces (label ambiguity sigma {sigma:g}) and {test} exact test faces")
-    generate_dataset(data, train=train, test=test, ambiguity=sigma, seed=data_seed, size=128,
-                     workers=max(1, workers + 1), progress=not quiet)
+    params = {"train": train, "test": test, "sigma": sigma, "seed": data_seed, "size": 128}
+    marker = data / "experiment_data.json"
+    if resume and marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == params:
+        say(f"reusing the synthetic data in {data}")
+    else:
+        say(f"drawing {train} training faces (label ambiguity sigma {sigma:g}) and {test} exact test faces")
+        marker.unlink(missing_ok=True)
+        generate_dataset(data, train=train, test=test, ambiguity=sigma, seed=data_seed, size=128,
+                         workers=max(1, workers + 1), progress=not quiet)
+        marker.write_text(json.dumps(params), encoding="utf-8")
     tangents = np.load(data / "test_tangents.npy").astype(np.float64)
     kinds = point_kinds(98)
 
@@ -165,9 +191,13 @@ def run_ambiguity_experiment(
             })
             if overrides:
                 config = merge(config, overrides)
-            say(f"training {method} (seed {seed}) -> {run_dir}")
             t = time.monotonic()
-            train_run(config, run_dir)
+            if resume and (run_dir / "train_state.pt").exists():
+                say(f"resuming {method} (seed {seed}) in {run_dir}")
+                train_run(config, run_dir, resume=True)
+            else:
+                say(f"training {method} (seed {seed}) -> {run_dir}")
+                train_run(config, run_dir)
             dev = resolve_device(device)
             # The last weights: every method gets the same schedule, no selection on the test set.
             model = load_model(run_dir / "last.safetensors", map_location=dev)
@@ -177,7 +207,8 @@ def run_ambiguity_experiment(
             gt = np.stack([a.landmarks for a in test_set.annotations]).astype(np.float64)
             iod = normalising_distance(gt, model.definition, "default")
             errs = split_errors(pred, gt, tangents, kinds, iod)
-            runs.append(RunErrors(method, seed, seconds=time.monotonic() - t, **errs))
+            runs.append(RunErrors(method, seed, seconds=time.monotonic() - t,
+                                  train_seconds=_train_seconds(run_dir), **errs))
             say(f"  NME {100 * errs['nme']:.2f}%, contour tangent {100 * errs['tangent']:.2f}% / "
                 f"normal {100 * errs['normal']:.2f}%")
 

@@ -18,7 +18,7 @@ def _run_ambiguity(args: argparse.Namespace) -> int:
 
     run_ambiguity_experiment(args.out, seeds=args.seeds, sigma=args.sigma, train=args.train, test=args.test,
                              epochs=args.epochs, methods=tuple(args.methods), device=args.device,
-                             workers=args.workers)
+                             workers=args.workers, resume=args.resume)
     return 0
 
 
@@ -46,4 +46,6 @@ def register(sub) -> None:
     a.add_argument("--methods", nargs="+", default=["star", "aam", "l2"], choices=["star", "aam", "l2"])
     a.add_argument("--device", default="auto")
     a.add_argument("--workers", type=int, default=1)
+    a.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment in --out (reuse data, finished and partial runs)")
     a.set_defaults(func=_run_ambiguity)

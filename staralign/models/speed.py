@@ -59,13 +59,19 @@ class CudaGraphRunner:
             raise ValueError("CUDA graphs need a CUDA device; the example input is on "
                              f"{example.device}")
         self.copy_outputs = copy_outputs
+        # The graph replays raw addresses: the weights, buffers and cached grids it read at
+        # capture must outlive it, so hold on to ``fn`` (and through it the model).  Without
+        # this, ``make_inference_fn(copy.deepcopy(model), ...)`` frees them and replays NaN.
+        self.fn = fn
         with torch.inference_mode(False):  # a normal tensor: __call__ writes into it anywhere
             self.static_input = example.detach().clone()
         side = torch.cuda.Stream(example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        # No autograd records in the graph.  Warm-up off the default stream fills
-        # lazily built state (cuDNN plans, compiled kernels, coordinate grids) first.
+        # No autograd records in the graph.  Warm-up fills lazily built state (cuDNN plans,
+        # library handles and workspaces, compiled kernels, coordinate grids) first: once on
+        # the current stream, as any eager call would, then off it, as the capture requires.
         with torch.no_grad():
+            fn(self.static_input)
+            side.wait_stream(torch.cuda.current_stream(example.device))
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     fn(self.static_input)
