@@ -7,23 +7,17 @@ evaluation) -> ``metrics`` -> ``inference``.
 
 from __future__ import annotations
 
+from ._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 __all__ = ["LandmarkDetector", "__version__", "get_definition", "load_model"]
 
+# Lazy: importing staralign must not pull in torch-heavy modules until a name is used.
+_EXPORTS = {
+    "LandmarkDetector": ".inference.detector",
+    "load_model": ".models.checkpoint",
+    "get_definition": ".definitions",
+}
 
-def __getattr__(name: str):
-    # Lazy: importing staralign must not pull in torch-heavy modules until used.
-    if name == "LandmarkDetector":
-        from .inference.detector import LandmarkDetector
-
-        return LandmarkDetector
-    if name == "load_model":
-        from .models.checkpoint import load_model
-
-        return load_model
-    if name == "get_definition":
-        from .definitions import get_definition
-
-        return get_definition
-    raise AttributeError(f"module 'staralign' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
