@@ -214,14 +214,18 @@ def run_ambiguity_experiment(
 
     summary = _summarise(runs)
     minutes = (time.monotonic() - t0) / 60
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {device}"
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {resolve_device(device)}"
+    train_minutes = sum(r.train_seconds for r in runs) / 60
     result = {
         "sigma": sigma, "train": train, "test": test, "epochs": epochs, "seeds": seeds,
         "methods": {m: METHOD_NOTES[m] for m in methods}, "summary": summary,
-        "runs": [r.__dict__ for r in runs], "minutes": minutes, "machine": machine,
+        "runs": [r.__dict__ for r in runs], "minutes": minutes, "train_minutes": train_minutes,
+        "machine": machine,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     table = format_results(summary, seeds)
-    (out / "results.md").write_text(table + f"\n\nWall time {minutes:.1f} min on {machine}.\n", encoding="utf-8")
+    footer = (f"\n\nWall time {minutes:.1f} min on {machine} "
+              f"(training {train_minutes:.1f} min in all, over resumes).\n")
+    (out / "results.md").write_text(table + footer, encoding="utf-8")
     say(table)
     return result
