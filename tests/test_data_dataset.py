@@ -17,7 +17,6 @@ from staralign.data.dataset import (
     LandmarkDataset,
     collate_samples,
     find_annotation_file,
-    normalize_image,
     worker_init_fn,
 )
 from staralign.data.images import ImageReadError, read_image
@@ -27,6 +26,7 @@ from staralign.data.transforms import (
     TextureAugment,
     crop_matrix,
     crop_to_image,
+    normalize_image,
     normalize_points,
 )
 from staralign.definitions import LandmarkDefinition, get_definition

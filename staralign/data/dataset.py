@@ -14,7 +14,7 @@ mode, just crop and warp.
 Each sample is a dict:
 
 ``image``      (3, S, S) float32, BGR, ``(pixel - 127.5) / 127.5``; with ``image_dtype="uint8"``
-               the 8-bit pixels, normalised later by :func:`normalize_image` (a quarter of
+               the 8-bit pixels, normalised later by :func:`~.transforms.normalize_image` (a quarter of
                the bytes to send from a worker; the result is the same to the last bit)
 ``landmarks``  (N, 2) float32 in [-1, 1] (align_corners=False, clamped)
 ``points``     (N, 2) float32 crop pixels, not clamped (device-side targets use them)
@@ -68,7 +68,6 @@ __all__ = [
     "LandmarkDataset",
     "collate_samples",
     "find_annotation_file",
-    "normalize_image",
     "sample_rng",
     "worker_init_fn",
 ]
@@ -228,8 +227,7 @@ class LandmarkDataset(Dataset):
             tex_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
             crop = apply_texture(crop, tex_rng, self.texture)
         sample: dict[str, Any] = {
-            "image": (torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
-                      if self.image_dtype == "uint8" else image_to_tensor(crop)),
+            "image": image_to_tensor(crop, normalize=self.image_dtype == "float32"),
             "landmarks": torch.from_numpy(normalize_points(points, size).astype(np.float32)),
             "points": torch.from_numpy(points.astype(np.float32)),
             "matrix": torch.from_numpy(point_m.astype(np.float32)),
@@ -243,14 +241,6 @@ class LandmarkDataset(Dataset):
         if self.targets in ("worker", "edges"):
             sample["edgemaps"] = torch.from_numpy(edge_maps(points, self.definition, size, self.heatmap_size))
         return sample
-
-
-def normalize_image(images: Tensor) -> Tensor:
-    """8-bit images (any shape, any device) -> float32 ``(pixel - 127.5) / 127.5``, exactly as
-    the dataset's float path; float input is returned unchanged."""
-    if images.dtype != torch.uint8:
-        return images
-    return images.to(torch.float32).sub_(127.5).div_(127.5)
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:

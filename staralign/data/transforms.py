@@ -48,6 +48,7 @@ __all__ = [
     "flip_landmarks",
     "flip_matrix",
     "image_to_tensor",
+    "normalize_image",
     "invert_affine",
     "mirror_matrix",
     "normalize_points",
@@ -193,10 +194,19 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int = 256) -> np.nda
                           flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def image_to_tensor(image: np.ndarray) -> Tensor:
-    """HxWx3 uint8 BGR -> 3xHxW float32 in [-1, 1]: ``(pixel - 127.5) / 127.5``."""
-    t = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return t.sub_(127.5).div_(127.5)
+def image_to_tensor(image: np.ndarray, normalize: bool = True) -> Tensor:
+    """HxWx3 uint8 BGR -> 3xHxW float32 in [-1, 1] (:func:`normalize_image`), or with
+    ``normalize=False`` the 8-bit 3xHxW tensor, to be normalised later (on the device)."""
+    t = torch.from_numpy(image).permute(2, 0, 1)
+    return normalize_image(t) if normalize else t.contiguous()
+
+
+def normalize_image(images: Tensor) -> Tensor:
+    """8-bit images (any shape, any device) -> contiguous float32 ``(pixel - 127.5) / 127.5``,
+    the network's input; float input is taken as already normalised and returned unchanged."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,8 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
-    from ..data.dataset import normalize_image
     from ..data.targets import edge_maps_torch, point_maps_torch
+    from ..data.transforms import normalize_image
     from ..models import build_model, save_model
     from .evaluator import evaluate_nme
 
