@@ -568,16 +568,19 @@ def _python_loop_ema(ema_model, model, decay: float) -> None:
 
 @bench("train", _train_args)
 def bench_train(args) -> dict:
-    """Images/s of a full training step (forward, recipe loss, backward, Adam, EMA) on synthetic tensors."""
+    """Images/s of the trainer's own step (:func:`staralign.engine.trainer.train_step`: forward, recipe
+    loss, backward, gradient clipping, the finiteness sync, Adam, EMA) on synthetic tensors."""
     import contextlib
     import copy
 
     import torch
 
-    from .config import LossConfig, ModelConfig
-    from .data.targets import edge_maps_torch, point_maps_torch
+    from .config import LossConfig, ModelConfig, OptimConfig
+    from .data.targets import batch_targets
+    from .data.transforms import normalize_points
     from .definitions import get_definition
     from .engine.ema import ModelEMA, default_decay
+    from .engine.trainer import build_optimizer, train_step
     from .losses.recipe import RecipeLoss
     from .models import build_model
 
@@ -592,21 +595,26 @@ def bench_train(args) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = RecipeLoss(LossConfig())
+    optim = OptimConfig()  # the paper recipe's Adam and gradient clipping setting
+    optimizer = build_optimizer(model, optim)
+    decay = default_decay(args.batch_size)
     if args.original_style:
 
         class _CpuEighStar(torch.nn.Module):
             def forward(self, heatmaps, gt):
                 return _reference_style_star(heatmaps, gt)
 
+        class _PythonLoopEMA:
+            def __init__(self) -> None:
+                self.module = copy.deepcopy(model)
+
+            def update(self, src) -> None:
+                _python_loop_ema(self.module, src, decay)
+
         criterion.landmark_loss = _CpuEighStar()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    decay = default_decay(args.batch_size)
-    if args.original_style:
-        ema_model = copy.deepcopy(model)
-        update_ema = lambda: _python_loop_ema(ema_model, model, decay)  # noqa: E731
+        ema = _PythonLoopEMA()
     else:
         ema = ModelEMA(model, decay)
-        update_ema = lambda: ema.update(model)  # noqa: E731
     net = torch.compile(model) if args.compile else model
     if args.compile:
         criterion = torch.compile(criterion)
@@ -619,31 +627,20 @@ def bench_train(args) -> dict:
     # Plausible landmark layouts: a jittered mean shape per sample, in crop pixels.
     base = torch.rand(definition.num_points, 2, generator=gen) * 0.5 + 0.25
     points = ((base + 0.02 * torch.randn(b, definition.num_points, 2, generator=gen)) * size).to(device)
-    landmarks = (2 * points + 1) / size - 1
+    landmarks = normalize_points(points, size)
     hsize = size // 4
-    amp = (contextlib.nullcontext() if args.amp == "none"
-           else torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    fixed_targets = (point_maps_torch(points, size, hsize), edge_maps_torch(points, definition, size, hsize))
+    # "device": the maps are built from the points every step; "none": once, as if a loader built them.
+    fixed = dict(zip(("pointmaps", "edgemaps"), batch_targets({"points": points}, definition, size, hsize, device),
+                     strict=True))
+    batch = {"points": points} if args.targets == "device" else fixed
 
     def step() -> None:
-        if args.targets == "device":
-            pm = point_maps_torch(points, size, hsize)
-            em = edge_maps_torch(points, definition, size, hsize)
-        else:
-            pm, em = fixed_targets
-        anomaly = torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext()
-        with amp:
-            out = net(images)
-        loss, _ = criterion(out, landmarks, pm, em)
-        optimizer.zero_grad(set_to_none=True)
-        with anomaly:
-            scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        update_ema()
-        float(loss.detach())  # the trainer syncs once per step to check the loss is finite
+        pm, em = batch_targets(batch, definition, size, hsize, device)
+        # The original runs with anomaly detection on, forward and backward.
+        with torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext():
+            train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks, pm, em,
+                       amp=args.amp, grad_clip=optim.grad_clip)
 
     model.train()
     timing = time_fn(step, device, warmup=args.warmup, iters=args.iters, repeats=args.repeats)

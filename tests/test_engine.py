@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -90,7 +91,7 @@ def test_train_end_to_end_resume_and_evaluate(synth_data, tmp_path):
 
     # The best checkpoint evaluates to the recorded best NME.
     from staralign.data.dataset import LandmarkDataset, collate_samples
-    from staralign.engine.evaluator import evaluate_nme
+    from staralign.engine.evaluator import evaluate_nme, evaluate_nmes
 
     model = load_model(run / "best.safetensors")
     ds = LandmarkDataset(synth_data / "test.tsv", synth_data, "WFLW", train=False, input_size=64,
@@ -98,6 +99,19 @@ def test_train_end_to_end_resume_and_evaluate(synth_data, tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_samples)
     nme = evaluate_nme(model, loader, model.definition, torch.device("cpu"))
     assert nme == pytest.approx(more.best_nme, rel=1e-5)
+    # Model and EMA are scored in one pass over the loader, each as if alone.
+    class Counting:
+        passes = 0
+
+        def __iter__(self):
+            Counting.passes += 1
+            return iter(loader)
+
+    ema = load_model(run / "last_ema.safetensors")
+    both = evaluate_nmes({"model": model, "ema": ema}, Counting(), model.definition, torch.device("cpu"))
+    assert Counting.passes == 1
+    assert both == pytest.approx({"model": nme,
+                                  "ema": evaluate_nme(ema, loader, model.definition, torch.device("cpu"))})
 
 
 def _run_cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
@@ -286,3 +300,66 @@ def test_target_placement_auto_and_validation():
     assert resolve_targets("device", torch.device("cpu")) == "device"
     with pytest.raises(ConfigError, match="data.targets"):
         merge(load_preset("tiny"), {"data": {"targets": "gpu"}}).validate()
+
+
+def _tiny_step_parts():
+    from staralign.config import LossConfig, ModelConfig
+    from staralign.engine.ema import ModelEMA
+    from staralign.losses.recipe import RecipeLoss
+    from staralign.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(definition="WFLW", nstack=1, nlevels=2, channels=16, input_size=64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, RecipeLoss(LossConfig(kind="l2", map_weight=0.0)), optimizer, ModelEMA(model, 0.5)
+
+
+def test_train_step_applies_only_finite_steps():
+    from staralign.engine.trainer import train_step
+
+    model, criterion, optimizer, ema = _tiny_step_parts()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, landmarks = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 98, 2) * 2 - 1
+    before = [p.detach().clone() for p in model.parameters()]
+    ema_before = [p.detach().clone() for p in ema.module.parameters()]
+
+    bad = train_step(model, model, criterion, optimizer, scaler, ema, images * float("nan"), landmarks, None, None)
+    assert not bad.applied and not math.isfinite(bad.loss)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, p) for a, p in zip(ema_before, ema.module.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+    good = train_step(model, model, criterion, optimizer, scaler, ema, images, landmarks, None, None)
+    assert good.applied and math.isfinite(good.loss) and good.grad_norm > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(ema_before, ema.module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("extra", [[], ["--original-style"]])
+def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
+    from staralign.cli import main
+    from staralign.engine import trainer
+
+    calls = []
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    status = main(["bench", "train", "--device", "cpu", "--batch-size", "2", "--nstack", "1", "--nlevels", "2",
+                   "--channels", "16", "--input-size", "64", "--iters", "2", "--repeats", "1", "--warmup", "1",
+                   "--json", *extra])
+    assert status == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "train" and result["images_per_s"] > 0
+    assert result["options"]["original_style"] == bool(extra)
+    assert len(calls) == 3  # warm-up and timed steps all go through the trainer's step
+
+
+def test_resume_refuses_settings_it_would_ignore(synth_data, tmp_path, capsys):
+    from staralign.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_yaml(tiny_config(synth_data), run / "config.yaml")
+    status = main(["train", "--resume", str(run), "--epochs", "5", "--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert status != 0
+    assert "--epochs" in err and "--lr" in err and "config.yaml" in err

@@ -57,6 +57,7 @@ __all__ = [
     "EDGE_THICKNESS",
     "SPLINE_DENSITY",
     "CurvePlan",
+    "batch_targets",
     "curve_plan",
     "edge_maps",
     "edge_maps_torch",
@@ -770,3 +771,21 @@ def edge_maps_torch(
     set_pixels = (hits.view(-1, blen * blen) > 0).sum(1, dtype=torch.int32)
     out[uniq] = set_pixels.to(torch.float32) / float(blen * blen)
     return out.view(bsz, num_edges, hsz, hsz)
+
+
+def batch_targets(
+    batch: dict, definition: LandmarkDefinition, image_size: int, heatmap_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(point maps, edge maps) of a batch on ``device``: those the loader built (``"pointmaps"`` /
+    ``"edgemaps"`` keys) are moved there, the others built there from ``batch["points"]``.
+
+    Where each map is built is a speed choice only: both ways give the same maps.
+    """
+    built = {k: batch[k].to(device, non_blocking=True) for k in ("pointmaps", "edgemaps") if k in batch}
+    if len(built) < 2:
+        points = batch["points"].to(device, non_blocking=True)
+        if "pointmaps" not in built:
+            built["pointmaps"] = point_maps_torch(points, image_size, heatmap_size)
+        if "edgemaps" not in built:
+            built["edgemaps"] = edge_maps_torch(points, definition, image_size, heatmap_size)
+    return built["pointmaps"], built["edgemaps"]

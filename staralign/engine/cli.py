@@ -126,6 +126,14 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+        # Settings given with --resume would be silently ignored: refuse them instead.
+        given = [f"--{k.replace('_', '-')}" for section in overrides_from_args(args).values() for k in section]
+        if args.config:
+            given.insert(0, "--config")
+        if given:
+            raise UserError(f"--resume continues {run_dir} with its saved config.yaml; remove "
+                            f"{', '.join(given)} (to change a setting such as the epochs, edit that "
+                            "file; or start a new run with --out)")
         config = load_yaml(TrainConfig, run_dir / "config.yaml")
         result = train(config, run_dir, resume=True)
     else:

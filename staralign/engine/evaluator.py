@@ -22,6 +22,7 @@ edge maps for every test face and throws them away).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ __all__ = [
     "default_workers",
     "evaluate_model",
     "evaluate_nme",
+    "evaluate_nmes",
     "flip_landmarks",
     "load_test_set",
     "make_loader",
@@ -102,7 +104,7 @@ def predict_batch(
     ``micro_batch`` splits the network call into chunks (CPUs run the full-size model
     faster in moderate batches; the result is the same).
     """
-    kwargs = {"all_stacks": False} if _accepts_all_stacks(model) else {}
+    kwargs = {"all_stacks": False} if _accepts_all_stacks(type(model)) else {}
     with autocast(images.device, amp):
         pred = _forward(model, images, kwargs, micro_batch)
         if flip_test:
@@ -111,11 +113,13 @@ def predict_batch(
     return pred
 
 
-def _accepts_all_stacks(model: nn.Module) -> bool:
+@functools.cache
+def _accepts_all_stacks(model_class: type) -> bool:
+    """Whether the class's forward takes ``all_stacks`` (ours do; wrappers and other nets may not)."""
     import inspect
 
     try:
-        return "all_stacks" in inspect.signature(model.forward).parameters
+        return "all_stacks" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -209,20 +213,37 @@ def evaluate_nme(
     norm: str = "default",
 ) -> float:
     """Mean NME of the last stack over the (sharded) loader, reduced across processes."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    return evaluate_nmes({"model": model}, loader, definition, device, amp, norm)["model"]
+
+
+@torch.no_grad()
+def evaluate_nmes(
+    models: dict[str, nn.Module],
+    loader,
+    definition: LandmarkDefinition,
+    device: torch.device,
+    amp: str = "none",
+    norm: str = "default",
+) -> dict[str, float]:
+    """:func:`evaluate_nme` of several models (e.g. a model and its EMA) in one pass over the
+    loader: each batch is read, decoded and moved to the device once."""
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    total = torch.zeros(len(models), 2, dtype=torch.float64, device=device)
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        pred = predict_batch(model, images, definition, False, amp)
-        gt = batch["landmarks"].to(device)
-        errs = nme_fn(pred.double(), gt.double(), definition, norm)
-        total[0] += errs.sum()
-        total[1] += errs.numel()
-    model.train(was_training)
+        gt = batch["landmarks"].to(device).double()
+        for k, m in enumerate(models.values()):
+            errs = nme_fn(predict_batch(m, images, definition, False, amp).double(), gt, definition, norm)
+            total[k, 0] += errs.sum()
+            total[k, 1] += errs.numel()
+    for name, m in models.items():
+        m.train(modes[name])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
-    return float(total[0] / total[1].clamp(min=1))
+    nmes = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
+    return dict(zip(models, nmes, strict=True))
 
 
 # --------------------------------------------------------------------------- test sets

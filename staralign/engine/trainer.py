@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
     val_loader = DataLoader(
         torch.utils.data.Subset(val_ds, val_indices), batch_size=dc.val_batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate_samples, pin_memory=pin, worker_init_fn=worker_init_fn,
+        persistent_workers=workers > 0,
     )
     return train_ds, val_ds, train_loader, val_loader, sampler
 
@@ -177,28 +179,28 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
-    from ..data.targets import edge_maps_torch, point_maps_torch
+    from ..data.targets import batch_targets
     from ..data.transforms import normalize_image
     from ..models import build_model, save_model
-    from .evaluator import evaluate_nme
+    from .evaluator import evaluate_nmes
 
-    config.validate()
     run_dir = Path(run_dir)
+    if resume:
+        # A run continues as it was configured: the saved configuration wins (before any set-up).
+        from ..config import load_yaml
+
+        saved = load_yaml(TrainConfig, run_dir / "config.yaml")
+        if to_dict(saved) != to_dict(config):
+            warnings.warn(f"resuming {run_dir} with the configuration saved there; the one passed in "
+                          "differs and is ignored", stacklevel=2)
+        config = saved
+    config.validate()
     env = D.setup(config.runtime.device)
     rt, oc = config.runtime, config.optim
     try:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
         D.barrier()
-        if resume:
-            from ..config import load_yaml
-
-            saved = load_yaml(TrainConfig, run_dir / "config.yaml")
-            if to_dict(saved) != to_dict(config):
-                log.warning("resuming %s with the configuration saved there (command-line changes ignored)",
-                            run_dir)
-            config = saved
-            rt, oc = config.runtime, config.optim
         _setup_logging(run_dir, env.is_main)
         if env.is_main and not resume:
             save_yaml(config, run_dir / "config.yaml")
@@ -292,32 +294,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                 if rt.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 landmarks = batch["landmarks"].to(env.device, non_blocking=True)
-                pointmaps = edgemaps = None
-                if needs_maps:
-                    # Whatever the loader did not build is built here, on the device (exact either way).
-                    points = batch["points"].to(env.device, non_blocking=True)
-                    if "pointmaps" in batch:
-                        pointmaps = batch["pointmaps"].to(env.device, non_blocking=True)
-                    else:
-                        pointmaps = point_maps_torch(points, size, hsize)
-                    if "edgemaps" in batch:
-                        edgemaps = batch["edgemaps"].to(env.device, non_blocking=True)
-                    else:
-                        edgemaps = edge_maps_torch(points, definition, size, hsize)
-
-                with autocast(env.device, rt.amp):
-                    output = net(images)
-                loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), rt_clip(oc.grad_clip), error_if_nonfinite=False
-                )
-                # One host sync per step: the loss and gradient norm must be finite before
-                # anything is applied (the progress bar needs the values anyway).
-                loss_v, gnorm_v = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
-                if not (math.isfinite(loss_v) and (math.isfinite(gnorm_v) or rt.amp == "fp16")):
+                pointmaps, edgemaps = (batch_targets(batch, definition, size, hsize, env.device)
+                                       if needs_maps else (None, None))
+                res = train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks,
+                                 pointmaps, edgemaps, amp=rt.amp, grad_clip=oc.grad_clip)
+                loss_v, gnorm_v, parts = res.loss, res.grad_norm, res.parts
+                if not res.applied:
                     msg = (f"non-finite loss {loss_v} / gradient norm {gnorm_v} at epoch {epoch + 1} step {step} "
                            f"(parts: {_fmt_parts(parts)}; images: {list(batch.get('image_path', []))[:4]})")
                     if rt.on_nonfinite == "stop":
@@ -325,25 +307,22 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                         raise NonFiniteLossError(msg)
                     skipped += 1
                     log.warning("%s; batch skipped (%d so far)", msg, skipped)
-                    optimizer.zero_grad(set_to_none=True)
                     if skipped > rt.max_skipped:
                         raise NonFiniteLossError(f"more than {rt.max_skipped} batches skipped for non-finite loss")
                     continue
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model)
 
                 n_logged += 1
                 sums["loss"] = sums.get("loss", 0.0) + loss_v
                 if (step + 1) % rt.log_every == 0 or step + 1 == steps_per_epoch:
-                    part_values = {k: float(v) for k, v in parts.items()}
+                    # One transfer for all parts (not one host sync per part).
+                    values = torch.stack([v.detach().float() for v in parts.values()]).tolist() if parts else []
+                    part_values = dict(zip(parts, values, strict=True))
                     gstep = epoch * steps_per_epoch + step + 1
                     record = {"kind": "train", "epoch": epoch + 1, "step": step + 1, "global_step": gstep,
                               "loss": loss_v, "grad_norm": gnorm_v, "lr": optimizer.param_groups[0]["lr"],
                               **part_values}
                     metrics.write(record, gstep)
-                    last = len(output.heatmaps) - 1
+                    last = len(res.output.heatmaps) - 1
                     progress.set_postfix(loss=f"{loss_v:.4f}", **{
                         k.split("/")[0][:5]: f"{v:.4f}" for k, v in part_values.items() if k.endswith(f"/{last}")
                     })
@@ -364,9 +343,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             # Images per second over the epoch's training steps (all processes), data loading included.
             images_per_s = n_logged * oc.batch_size * env.world_size / max(train_seconds, 1e-9)
             scheduler.step()
-            val = {"model": evaluate_nme(unwrap(model), val_loader, definition, env.device, rt.amp)}
-            if ema is not None:
-                val["ema"] = evaluate_nme(ema.module, val_loader, definition, env.device, rt.amp)
+            scored = {"model": unwrap(model)} | ({"ema": ema.module} if ema is not None else {})
+            val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp)
             improved = False
             for source, nme in val.items():
                 if nme < best["nme"]:
@@ -412,6 +390,49 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                            skipped, stopped, history)
     finally:
         D.teardown()
+
+
+@dataclass
+class StepResult:
+    """One optimisation step: its loss and gradient norm (host floats), loss parts, output, and
+    whether it was applied (it is not when the loss or gradient norm is not finite)."""
+
+    loss: float
+    grad_norm: float
+    parts: dict[str, torch.Tensor]
+    output: Any
+    applied: bool
+
+
+def train_step(
+    net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, ema: ModelEMA | None, images: torch.Tensor, landmarks: torch.Tensor,
+    pointmaps: torch.Tensor | None, edgemaps: torch.Tensor | None, *, amp: str = "none", grad_clip: float = 0.0,
+) -> StepResult:
+    """Forward, the loss over all stacks, backward, gradient clipping, then -- only if the loss and
+    gradient norm are finite -- the optimiser step and the EMA update.  ``net`` is what runs the
+    forward (``model`` possibly wrapped by DDP or torch.compile).  The one step the trainer runs
+    and ``staralign bench train`` times."""
+    with autocast(images.device, amp):
+        output = net(images)
+    loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rt_clip(grad_clip), error_if_nonfinite=False)
+    # One host sync per step: the loss and gradient norm must be finite before anything is
+    # applied (the progress bar needs the values anyway).  Under fp16 an infinite norm is the
+    # scaler's business: it skips that update itself and lowers the scale.
+    loss_v, gnorm_v = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
+    applied = math.isfinite(loss_v) and (math.isfinite(gnorm_v) or amp == "fp16")
+    if applied:
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update(model)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_v, gnorm_v, parts, output, applied)
 
 
 def _timed(loader, waited: list[float]):
