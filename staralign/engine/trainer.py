@@ -109,7 +109,8 @@ class _Metrics:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "step", "global_step"):
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
-            self.tb.flush()
+            if prefix != "train":  # the writer flushes on its own timer; epochs end with a flush
+                self.tb.flush()
 
     def close(self) -> None:
         if self.file:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heatmaps import upcast_half
+
+
+class AWingTerms(NamedTuple):
+    """Target-only terms of :class:`AWingLoss` (see :meth:`AWingLoss.target_terms`)."""
+
+    target: Tensor
+    power: Tensor
+    a: Tensor
+    c: Tensor
+    weight: Tensor | None
 
 
 class AWingLoss(nn.Module):
@@ -35,18 +47,25 @@ class AWingLoss(nn.Module):
         dilated = F.max_pool2d(target, kernel_size=3, stride=1, padding=1)
         return self.weight * (dilated >= self.weight_threshold).to(target.dtype) + 1
 
-    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
-        pred = upcast_half(pred)
-        target = target.to(pred.dtype)
-        delta = (pred - target).abs()
+    def target_terms(self, target: Tensor, dtype: torch.dtype) -> AWingTerms:
+        """The parts of the loss that depend only on the target: a recipe scoring S stacks
+        against the same target maps computes them once, not S times."""
+        target = target.to(dtype)
         power = self.alpha - target
         ratio = self.theta / self.epsilon
         ratio_pow = torch.pow(ratio, power)
         a = self.omega / (1 + ratio_pow) * power * torch.pow(ratio, power - 1) / self.epsilon
         c = self.theta * a - self.omega * torch.log1p(ratio_pow)
-        small = self.omega * torch.log1p(torch.pow(delta / self.epsilon, power))
-        loss = torch.where(delta < self.theta, small, a * delta - c)
-        if self.use_weight_map:
-            loss = loss * self.weight_map(target)
-        return loss.mean()
+        weight = self.weight_map(target) if self.use_weight_map else None
+        return AWingTerms(target, power, a, c, weight)
 
+    def forward(self, pred: Tensor, target: Tensor, terms: AWingTerms | None = None) -> Tensor:
+        pred = upcast_half(pred)
+        if terms is None or terms.target.dtype != pred.dtype:
+            terms = self.target_terms(target, pred.dtype)
+        delta = (pred - terms.target).abs()
+        small = self.omega * torch.log1p(torch.pow(delta / self.epsilon, terms.power))
+        loss = torch.where(delta < self.theta, small, terms.a * delta - terms.c)
+        if terms.weight is not None:
+            loss = loss * terms.weight
+        return loss.mean()

@@ -19,10 +19,22 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig
-from ..heatmaps import soft_argmax
+from ..heatmaps import soft_argmax, upcast_half
 from .coord import L1Loss, L2Loss, SmoothL1Loss, WingLoss
 from .heatmap import AWingLoss
 from .star import STARLoss
+
+
+class OnSoftArgmax(nn.Module):
+    """A coordinate loss applied to the soft-argmax of heatmaps, so that every landmark loss
+    of the recipe takes ``(heatmaps, landmarks)`` as STAR does."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, heatmaps: Tensor, landmarks: Tensor) -> Tensor:
+        return self.loss(soft_argmax(heatmaps), landmarks.float())
 
 
 def stack_weights(nstack: int) -> list[float]:
@@ -53,7 +65,8 @@ class RecipeLoss(nn.Module):
         elif c.kind == "none":
             self.landmark_loss = None
         else:
-            self.landmark_loss = {"smoothl1": SmoothL1Loss, "l1": L1Loss, "l2": L2Loss, "wing": WingLoss}[c.kind]()
+            coord = {"smoothl1": SmoothL1Loss, "l1": L1Loss, "l2": L2Loss, "wing": WingLoss}[c.kind]()
+            self.landmark_loss = OnSoftArgmax(coord)
         self.map_loss = AWingLoss()
 
     @property
@@ -75,17 +88,18 @@ class RecipeLoss(nn.Module):
             raise ValueError("the model has AAM heads and map_weight > 0: pass target point and edge maps")
         total = heatmaps[0].new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
+        if has_maps:  # every stack is scored against the same target maps
+            dtype = upcast_half(output.pointmaps[0]).dtype
+            point_terms = self.map_loss.target_terms(pointmaps, dtype)
+            edge_terms = self.map_loss.target_terms(edgemaps, dtype)
         for i, w in enumerate(stack_weights(nstack)):
             if self.landmark_loss is not None:
-                if c.kind.startswith("star"):
-                    term = self.landmark_loss(heatmaps[i], landmarks)
-                else:
-                    term = self.landmark_loss(soft_argmax(heatmaps[i]).float(), landmarks.float())
+                term = self.landmark_loss(heatmaps[i], landmarks)
                 total = total + w * c.landmark_weight * term
                 parts[f"landmark/{i}"] = term.detach()
             if has_maps:
-                p = self.map_loss(output.pointmaps[i], pointmaps)
-                e = self.map_loss(output.edgemaps[i], edgemaps)
+                p = self.map_loss(output.pointmaps[i], pointmaps, point_terms)
+                e = self.map_loss(output.edgemaps[i], edgemaps, edge_terms)
                 total = total + w * c.map_weight * (p + e)
                 parts[f"pointmap/{i}"] = p.detach()
                 parts[f"edgemap/{i}"] = e.detach()

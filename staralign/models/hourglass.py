@@ -52,7 +52,7 @@ class StarOutput(NamedTuple):
     @property
     def landmarks_per_stack(self) -> tuple[Tensor, ...]:
         """Soft-argmax of every returned stack's fused heatmaps (for deep supervision, analysis)."""
-        return tuple(soft_argmax(h.float()) for h in self.heatmaps)
+        return tuple(soft_argmax(h) for h in self.heatmaps)
 
 
 class StackedHourglassNet(nn.Module):
@@ -178,7 +178,7 @@ class StackedHourglassNet(nn.Module):
 
         # Decode in float32 even under autocast: half precision would quantise
         # normalised coordinates to ~1/256 of the image.
-        landmarks = soft_argmax(fused_maps[-1].float())
+        landmarks = soft_argmax(fused_maps[-1])
         return StarOutput(landmarks, tuple(fused_maps), tuple(point_maps), tuple(edge_maps))
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..definitions import LandmarkDefinition
+from ..heatmaps import coordinate_axes
 
 __all__ = [
     "BOUNDARY_THRESHOLD",
@@ -68,8 +69,7 @@ def coordinate_channels(height: int, width: int, device=None, dtype=None) -> Ten
     on it, so it is kept (the grid is computed in float32 as the original does,
     then cast).
     """
-    rows = torch.arange(height, device=device, dtype=torch.float32) / (height - 1) * 2 - 1
-    cols = torch.arange(width, device=device, dtype=torch.float32) / (width - 1) * 2 - 1
+    cols, rows = coordinate_axes(height, width, device)  # float32, as the original
     row_channel = rows.view(height, 1).expand(height, width)
     col_channel = cols.view(1, width).expand(height, width)
     radius = torch.sqrt(row_channel.pow(2) + col_channel.pow(2))
@@ -129,7 +129,7 @@ class CoordConv(ConvLayer):
         parts = [x, grid.expand(batch, -1, -1, -1)]
         if boundary is not None:
             coords = grid[:, :2]
-            parts.append(torch.where(boundary > BOUNDARY_THRESHOLD, coords, torch.zeros_like(coords)))
+            parts.append(torch.where(boundary > BOUNDARY_THRESHOLD, coords, 0.0))
         return super().forward(torch.cat(parts, dim=1))
 
     def extra_repr(self) -> str:
