@@ -204,6 +204,30 @@ def test_awing_is_finite_in_half_precision():
     assert torch.isfinite(loss) and torch.isfinite(pred.grad.float()).all()
 
 
+def test_awing_target_terms_computed_once_give_the_same_loss_and_gradient():
+    # The recipe computes AWing's target-only terms once per batch and reuses them per stack.
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 3, 16, 16, generator=gen)
+    loss_fn = AWingLoss()
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.rand(2, 3, 16, 16, generator=gen).to(dtype).requires_grad_(True)
+        b = a.detach().clone().requires_grad_(True)
+        plain = loss_fn(a, gt)
+        reused = loss_fn(b, gt, loss_fn.target_terms(gt, torch.float32))
+        plain.backward()
+        reused.backward()
+        assert torch.equal(plain, reused) and torch.equal(a.grad, b.grad)
+
+
+def test_coordinate_losses_see_float32_coordinates_under_bf16():
+    from staralign.heatmaps import soft_argmax
+
+    heat = torch.rand(1, 4, 16, 16, dtype=torch.bfloat16)
+    coords = soft_argmax(heat)
+    assert coords.dtype == torch.float32
+    torch.testing.assert_close(coords, soft_argmax(heat.float()), rtol=0, atol=1e-6)
+
+
 def test_compiled_star_matches_eager_reference():
     # torch.compile fuses STAR's many small kernels (7x faster on an H200); it must not
     # change the numbers.
