@@ -95,9 +95,10 @@ def draw_landmarks(
     """Draw one face's landmarks (N, 2) on a BGR image; returns the drawn image.
 
     ``definition`` (a :class:`~staralign.definitions.LandmarkDefinition`): its edges
-    as polylines.  ``ambiguity``: (N, 2, 2) covariances in pixels squared, or an
-    object with a ``covariance`` attribute (such as ``Face.ambiguity``); drawn as
-    ellipses at ``n_std`` standard deviations.  ``indices``: number each point.
+    as polylines.  ``ambiguity``: an :class:`~staralign.inference.detector.Ambiguity`
+    (``Face.ambiguity``: its ``major``, ``minor`` and ``tangent`` are drawn as they
+    are), another object with a ``covariance`` attribute, or (N, 2, 2) covariances in
+    pixels squared; drawn as ellipses at ``n_std`` standard deviations.  ``indices``: number each point.
     Non-finite points are skipped.  ``copy=False`` draws in place.
     """
     canvas = _as_canvas(image, copy)
@@ -115,10 +116,17 @@ def draw_landmarks(
             if len(idx) > 1:
                 cv2.polylines(canvas, [_fix(pts[idx])], bool(edge.closed), edge_color, t, cv2.LINE_AA, _SHIFT)
     if ambiguity is not None:
-        cov = np.asarray(getattr(ambiguity, "covariance", ambiguity), np.float64).reshape(-1, 2, 2)
-        major, minor, angle = ellipse_axes(cov, n_std)
+        if all(hasattr(ambiguity, k) for k in ("major", "minor", "tangent")):  # an Ambiguity: axes known
+            major = np.asarray(ambiguity.major, np.float64).reshape(-1) * n_std
+            minor = np.asarray(ambiguity.minor, np.float64).reshape(-1) * n_std
+            tangent = np.asarray(ambiguity.tangent, np.float64).reshape(-1, 2)
+            angle = np.degrees(np.arctan2(tangent[:, 1], tangent[:, 0]))
+        else:
+            cov = np.asarray(getattr(ambiguity, "covariance", ambiguity), np.float64).reshape(-1, 2, 2)
+            major, minor, angle = ellipse_axes(cov, n_std)
         amb_color = (255, 0, 255) if tuple(color) != (255, 0, 255) else (0, 255, 255)
-        for i in np.flatnonzero(finite[: len(cov)] & np.isfinite(major) & np.isfinite(minor)):
+        n = min(len(pts), len(major))
+        for i in np.flatnonzero(finite[:n] & np.isfinite(major[:n]) & np.isfinite(minor[:n])):
             axes = (max(1, int(round(major[i] * _ONE))), max(1, int(round(minor[i] * _ONE))))
             centre = tuple(int(v) for v in _fix(pts[i]))
             cv2.ellipse(canvas, centre, axes, float(angle[i]), 0, 360, amb_color, max(1, t // 2 or 1),

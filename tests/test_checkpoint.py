@@ -245,3 +245,33 @@ def test_model_moves_to_map_location(tmp_path):
     path = save_model(small_model(), tmp_path / "m.safetensors")
     model = load_model(Path(path), map_location=torch.device("cpu"))
     assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
+
+
+@pytest.mark.parametrize("version, why", [(None, "positive integer, got None"), ("missing", "is missing"),
+                                          (2, "newer than this staralign"), (True, "positive integer"),
+                                          ("1", "positive integer")])
+def test_stored_record_version_must_be_one_we_read(tmp_path, version, why):
+    """A bad 'version' in a weights file is a CheckpointError naming the file and the field."""
+    info = {"format": "staralign.model", "config": {}, "definition": {}}
+    if version != "missing":
+        info["version"] = version
+    path = tmp_path / "odd.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"staralign": json.dumps(info)})
+    with pytest.raises(CheckpointError, match=rf"odd\.safetensors.*'version'.*{why}"):
+        load_model(path)
+
+
+def test_one_metadata_parser_for_weights_and_onnx_files():
+    from staralign.metadata import parse_record
+
+    def parse(text, **kw):
+        return parse_record(text, source="m.bin", key="staralign", format_name="f", max_version=1, **kw)
+
+    assert parse('{"format": "f", "version": 1, "x": 2}') == {"format": "f", "version": 1, "x": 2}
+    for text, why in [("{", "not valid JSON"), ("[]", "not a f record"), ('{"format": "g", "version": 1}', "not a f"),
+                      ('{"format": "f"}', "'version' is missing"), ('{"format": "f", "version": null}', "got None"),
+                      ('{"format": "f", "version": 0}', "got 0"), ('{"format": "f", "version": 7}', "newer")]:
+        with pytest.raises(CheckpointError, match=rf"m\.bin: metadata 'staralign'.*{why}"):
+            parse(text, error=CheckpointError)
+    with pytest.raises(ValueError, match="m.bin"):
+        parse(None)

@@ -13,7 +13,7 @@ import torch
 
 from staralign import LandmarkDetector
 from staralign.config import ModelConfig
-from staralign.data import transforms
+from staralign.data import converters, transforms
 from staralign.data.converters import box_to_crop as dataset_box_to_crop
 from staralign.data.landmark_formats import convert_landmarks
 from staralign.data.synth import render_face
@@ -27,11 +27,13 @@ from staralign.inference.faces import (
     DlibDetector,
     FaceDetector,
     FaceDetectorError,
+    FixedBoxes,
     HaarDetector,
     MediaPipeDetector,
     WholeImage,
     calibrate_framing,
     get_face_detector,
+    parse_box,
 )
 from staralign.inference.inputs import ImageReadError, as_bgr, load_image
 from staralign.models import build_model, save_model
@@ -84,6 +86,12 @@ def test_crop_geometry_is_the_datasets():
     scale, center = geometry.box_to_crop(box)
     want_scale, want_center = dataset_box_to_crop(*box)
     assert scale == pytest.approx(want_scale) and center == pytest.approx(want_center)
+    # One source: the box -> crop rule and its constants are the converters' own.
+    assert (scale, center) == (want_scale, want_center)
+    assert (geometry.BOX_MARGIN, geometry.FACE_SIZE) == (converters.BOX_MARGIN, converters.FACE_SIZE)
+    assert geometry.FACE_SIZE == transforms.FACE_SIZE
+    with pytest.raises(ValueError, match="empty"):
+        geometry.box_to_crop((10, 10, 5, 20))
     np.testing.assert_allclose(geometry.crop_matrix(scale, center, 256),
                                transforms.crop_matrix(scale, *center, size=256), rtol=1e-6, atol=1e-4)
     pts = np.random.default_rng(0).uniform(-1, 1, (5, 2))
@@ -199,6 +207,27 @@ def test_format_68_from_a_98_point_model(tiny_path, face):
         image)[0].landmarks.shape == (68, 2)
     with pytest.raises(ValueError, match="COFW"):
         det.convert(native, "COFW")
+
+
+def test_format_68_converts_before_building_the_ambiguity(tiny_path, face, monkeypatch):
+    """The same numbers as converting afterwards, with one eigen-decomposition per face."""
+    image, _, info = face
+    det = LandmarkDetector.from_checkpoint(tiny_path, device="cpu", detector="none")
+    native = det.detect(image, box=[info["face_box"], (0, 0, 200, 210)])
+    calls = []
+    real = Ambiguity.from_covariance.__func__
+    monkeypatch.setattr(Ambiguity, "from_covariance",
+                        classmethod(lambda cls, cov: calls.append(len(cov)) or real(cls, cov)))
+    f68 = det.detect(image, box=[info["face_box"], (0, 0, 200, 210)], format="68")
+    assert calls == [68, 68]  # never for the 98 points thrown away
+    for got, want in zip(f68, det.convert(native, "68"), strict=True):
+        assert got.layout == want.layout == "300W" and got.box == want.box
+        np.testing.assert_array_equal(got.landmarks, want.landmarks)
+        for name in ("covariance", "major", "minor", "tangent"):
+            np.testing.assert_array_equal(getattr(got.ambiguity, name), getattr(want.ambiguity, name))
+    assert det.detect(image, box=info["face_box"], format="68", ambiguity=False)[0].ambiguity is None
+    with pytest.raises(ValueError, match="COFW"):
+        det.detect(image, box=info["face_box"], format="COFW")
 
 
 def test_full_size_reference_checkpoint_end_to_end(face):
@@ -336,6 +365,23 @@ def test_optional_detectors_missing_give_clear_errors(monkeypatch):
         get_face_detector("yolo")
 
 
+def test_parse_box_is_strict():
+    assert parse_box("1,2.5, 30,40") == (1.0, 2.5, 30.0, 40.0)
+    for text, why in [("1,2,3", "4 numbers"), ("1,2,3,4,5", "4 numbers"), ("", "not a number"),
+                      ("1,2,x,4", "'x' is not a number"), ("0,0,inf,inf", "finite"), ("nan,0,1,1", "finite"),
+                      ("0,0,-inf,5", "finite"), ("5,0,5,9", "x2 > x1"), ("0,9,5,2", "y2 > y1")]:
+        with pytest.raises(ValueError, match=why):
+            parse_box(text)
+    # Boxes given as numbers pass the same checks.
+    assert FixedBoxes([(0, 0, 4, 4), (1, 1, 3, 3)]).boxes == [(0.0, 0.0, 4.0, 4.0), (1.0, 1.0, 3.0, 3.0)]
+    for bad in [(0, 0, np.inf, 9), (0, 0, 5, np.nan), (5, 5, 1, 1)]:
+        with pytest.raises(ValueError, match="box"):
+            FixedBoxes(bad)
+    with pytest.raises(ValueError, match="finite"):
+        LandmarkDetector(ExactBackend(64, np.zeros((98, 2)), np.zeros((98, 2, 2))), detector="none").detect(
+            np.zeros((32, 32, 3), np.uint8), box=(0, 0, np.inf, np.inf))
+
+
 def test_whole_image_and_protocol():
     assert WholeImage()(np.zeros((10, 20, 3), np.uint8)) == [((-0.5, -0.5, 19.5, 9.5), None)]
     assert isinstance(WholeImage(), FaceDetector)
@@ -352,7 +398,7 @@ def test_calibrate_framing_recovers_a_known_framing():
         def __call__(self, image):
             self.calls += 1
             info = render_face(np.random.default_rng([7, self.calls - 1]), 64)[2]
-            (x1, y1, x2, y2), side = info["face_box"], info["scale"] * 200 / 1.05
+            (x1, y1, x2, y2), side = info["face_box"], info["scale"] * geometry.FACE_SIZE / geometry.BOX_MARGIN
             cx, cy, s = (x1 + x2) / 2, (y1 + y2) / 2 - 0.1 * side / 0.8, side / 0.8
             return [((cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2), 1.0)]
 
@@ -411,6 +457,17 @@ def test_draw_landmarks_and_grid(face):
     ellipse = draw_landmarks(np.zeros((64, 64, 3), np.uint8), [[32, 32]], radius=1, ambiguity=cov[:1])
     cols = np.flatnonzero((ellipse != plain).any(-1).any(0))
     assert cols.min() <= 28 and cols.max() >= 36
+    # An Ambiguity is drawn from its own axes (not re-derived from its covariance) ...
+    amb = Ambiguity(np.array([5.0]), np.array([2.0]), np.array([[0.0, 1.0]]), np.zeros((1, 2, 2)))
+    drawn = draw_landmarks(np.zeros((64, 64, 3), np.uint8), [[32, 32]], radius=1, ambiguity=amb)
+    rows = np.flatnonzero((drawn != plain).any(-1).any(1))
+    assert rows.min() <= 28 and rows.max() >= 36  # major axis along y
+    # ... and gives the same ellipses as its covariance when both agree.
+    rotated = np.array([[[9.0, 4.0], [4.0, 5.0]]])
+    by_cov = draw_landmarks(np.zeros((64, 64, 3), np.uint8), [[32, 32]], radius=1, ambiguity=rotated)
+    by_amb = draw_landmarks(np.zeros((64, 64, 3), np.uint8), [[32, 32]], radius=1,
+                            ambiguity=Ambiguity.from_covariance(rotated))
+    np.testing.assert_array_equal(by_amb, by_cov)
     grid = make_grid([image, image[:100], cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)], cols=2, pad=2)
     assert grid.shape == (2 * 256 + 3 * 2, 2 * 256 + 3 * 2, 3)
     buf = io.BytesIO(cv2.imencode(".png", grid)[1].tobytes())

@@ -172,6 +172,10 @@ def test_bad_arguments_and_checkpoints_are_user_errors(weights, tmp_path, capsys
     cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
     assert main(["predict", str(image), "--weights", str(weights), "--box", "1,2,3"]) == 2
     assert "--box" in capsys.readouterr().err
+    for box in ("0,0,inf,inf", "0,0,nan,5", "1,2,x,4", "5,5,1,1"):  # never NaN landmarks
+        assert main(["predict", str(image), "--weights", str(weights), "--box", box]) == 2, box
+        err = capsys.readouterr().err
+        assert "--box" in err and "Traceback" not in err
     pickled = tmp_path / "needs_pickle.pkl"
     torch.save({"net": {"w": torch.zeros(1)}, "args": ModelConfig()}, pickled)
     assert main(["predict", str(image), "--weights", str(pickled), "--detector", "none"]) == 2

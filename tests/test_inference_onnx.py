@@ -150,3 +150,29 @@ def test_onnx_without_metadata_is_refused(tmp_path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
     with pytest.raises(OnnxModelError, match="foreign.onnx.*not exported by staralign"):
         LandmarkDetector.from_onnx(path)
+
+
+@pytest.mark.parametrize("version, why", [(None, "positive integer, got None"), ("missing", "is missing"),
+                                          (2, "newer than this staralign"), ("1", "positive integer")])
+def test_onnx_record_version_must_be_one_we_read(tmp_path, capsys, version, why):
+    """The same record checks as weights files: an OnnxModelError naming the file and the field,
+    and a one-line error (not a traceback) from the command line."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["images"], ["landmarks"])], "g",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.helper.make_tensor_value_info("landmarks", onnx.TensorProto.FLOAT, [1, 2])])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    info = {"format": "staralign.onnx", "input_size": 64, "definition": {}}
+    if version != "missing":
+        info["version"] = version
+    onnx.helper.set_model_props(proto, {"staralign": json.dumps(info)})
+    path = tmp_path / "odd.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(OnnxModelError, match=rf"odd\.onnx.*'version'.*{why}"):
+        LandmarkDetector.from_onnx(path)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((32, 32, 3), np.uint8))
+    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(path), "--detector", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "odd.onnx" in err and "version" in err and "Traceback" not in err

@@ -171,6 +171,21 @@ def test_outline_stays_the_silhouette_at_extreme_pose():
         assert min(inside) > 0, (i, min(inside))
 
 
+def test_crop_scale_is_the_converters_rule_and_unchanged():
+    """``scale`` uses the converters' constants on the drawn box side, bit for bit as before
+    (recomputing it from the rounded ``face_box`` corners would change its last bits)."""
+    from staralign.data.converters import BOX_MARGIN, FACE_SIZE, box_to_crop
+
+    for i in range(20):
+        p = _params(i)
+        _, _, info = render_face(p, 128)
+        assert info["scale"] == p.face_frac * 128 / 200.0 * 1.05
+        scale, center = box_to_crop(*info["face_box"])
+        assert info["scale"] == pytest.approx(scale, rel=1e-12)
+        assert info["center"] == pytest.approx(center, rel=1e-12)
+    assert (FACE_SIZE, BOX_MARGIN) == (200.0, 1.05)
+
+
 def test_render_face_rejects_bad_input():
     with pytest.raises(TypeError):
         render_face(42)  # type: ignore[arg-type]

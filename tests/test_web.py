@@ -176,6 +176,8 @@ def test_format_68_and_a_given_box(client):
     assert_error(post_file(client, data, format="17"), 422, "bad_format", "native", "68")
     assert_error(post_file(client, data, box="1,2,3"), 422, "bad_box", "x1,y1,x2,y2")
     assert_error(post_file(client, data, box="5,5,1,1"), 422, "bad_box")
+    assert_error(post_file(client, data, box="0,0,inf,inf"), 422, "bad_box", "finite")
+    assert_error(post_file(client, data, box="0,0,x,9"), 422, "bad_box", "not a number")
     assert_error(post_file(client, data, ambiguity="perhaps"), 422, "invalid_request", "ambiguity")
 
 

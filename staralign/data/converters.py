@@ -40,6 +40,8 @@ from .annotations import (
 )
 
 __all__ = [
+    "BOX_MARGIN",
+    "FACE_SIZE",
     "IMAGE_EXTENSIONS",
     "add_arguments",
     "run",
@@ -56,8 +58,8 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
 # Test subsets of WFLW, named by the attribute flag (column order of the official lists).
 WFLW_SUBSETS = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
-BOX_MARGIN = 1.05
-FACE_SIZE = 200.0
+BOX_MARGIN = 1.05  # the authors' margin on the face box
+FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
 
 
 class RawFormatError(AnnotationError):

@@ -23,6 +23,7 @@ _EXPORTS = {
     "FaceDetectorError": ".faces",
     "calibrate_framing": ".faces",
     "get_face_detector": ".faces",
+    "parse_box": ".faces",
     "export_onnx": ".export",
     "DifferentiableLandmarks": ".differentiable",
     "differentiable_crop": ".differentiable",

@@ -74,14 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
     from ..cli import UserError
+    from .faces import parse_box
 
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4 or not (values[2] > values[0] and values[3] > values[1]):
-        raise UserError(f"--box {text!r}: expected x1,y1,x2,y2 with x2 > x1 and y2 > y1")
-    return values[0], values[1], values[2], values[3]
+        return parse_box(text)
+    except ValueError as exc:
+        raise UserError(f"--box {text!r}: {exc}") from None
 
 
 class _Outputs:

@@ -130,6 +130,14 @@ def _boxes_of(box: Any) -> list[tuple[float, float, float, float]] | None:
     return FixedBoxes(box).boxes
 
 
+def _convert_points(m: np.ndarray, points: np.ndarray,
+                    covariance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Another layout's points ``m @ points`` (M, 2) and covariances ``sum_j m_ij^2 C_j`` (M, 2, 2)
+    (the model's errors taken as independent); ``covariance`` None stays None."""
+    cov = None if covariance is None else np.einsum("ij,jkl->ikl", m * m, covariance)
+    return m @ points, cov
+
+
 class LandmarkDetector:
     """Faces and landmarks in photos and video frames, with no download beyond the weights.
 
@@ -242,21 +250,22 @@ class LandmarkDetector:
                 scale, center = geometry.box_to_crop(crop_box)
                 jobs.append((i, tuple(float(v) for v in found), score,
                              geometry.crop_matrix(scale, center, size), scale, center))
+        target = _canonical_format(format, self.format) if format is not None else self.format
+        m = self._conversion(target) if target != self.definition.name else None
         results: list[list[Face]] = [[] for _ in images]
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
             batch = geometry.crops_to_input([geometry.crop_image(bgr[j[0]], j[3], size) for j in chunk])
             landmarks, cov = self.backend.run(batch, want_amb)
             for k, (i, found, score, matrix, scale, center) in enumerate(chunk):
-                amb = None
-                if cov is not None:
-                    amb = Ambiguity.from_covariance(geometry.covariance_to_image(cov[k], matrix, size))
-                face = Face(found, geometry.points_to_image(landmarks[k], matrix, size), score, amb,
-                            self.definition.name, float(scale), (float(center[0]), float(center[1])))
+                points = geometry.points_to_image(landmarks[k], matrix, size)
+                cov_px = None if cov is None else geometry.covariance_to_image(cov[k], matrix, size)
+                if m is not None:  # another layout: convert first, so the ambiguity is built once
+                    points, cov_px = _convert_points(m, points, cov_px)
+                amb = None if cov_px is None else Ambiguity.from_covariance(cov_px)
+                face = Face(found, points, score, amb, self.definition.name if m is None else target,
+                            float(scale), (float(center[0]), float(center[1])))
                 results[i].append(face)
-        target = _canonical_format(format, self.format) if format is not None else self.format
-        if target != self.definition.name:
-            results = [self.convert(faces, target) for faces in results]
         return results
 
     # ------------------------------------------------------------------ layouts
@@ -290,8 +299,8 @@ class LandmarkDetector:
             if face.layout.upper() != self.definition.name.upper():
                 raise ValueError(f"cannot convert a {face.layout} face with a {self.definition.name} model")
             m = self._conversion(target)
-            amb = None
-            if face.ambiguity is not None:
-                amb = Ambiguity.from_covariance(np.einsum("ij,jkl->ikl", m * m, face.ambiguity.covariance))
-            out.append(Face(face.box, m @ face.landmarks, face.score, amb, target, face.scale, face.center))
+            points, cov = _convert_points(m, face.landmarks,
+                                          None if face.ambiguity is None else face.ambiguity.covariance)
+            amb = None if cov is None else Ambiguity.from_covariance(cov)
+            out.append(Face(face.box, points, face.score, amb, target, face.scale, face.center))
         return out

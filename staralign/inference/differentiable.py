@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.transforms import crop_to_image, denormalize_points, invert_affine
 from ..heatmaps import heatmap_moments
 from .geometry import BOX_MARGIN
 
@@ -122,12 +123,11 @@ class DifferentiableLandmarks(nn.Module):
         bgr = images.flip(1) if channels == "rgb" else images
         crops = differentiable_crop(bgr, matrices, self.size) * 2 - 1  # (255 p - 127.5) / 127.5
         out = self.model(crops, all_stacks=False)
-        inv = torch.linalg.inv(matrices)
-        crop_px = ((out.landmarks.to(images.dtype) + 1) * self.size - 1) / 2
-        landmarks = crop_px @ inv[:, :2, :2].transpose(-1, -2) + inv[:, None, :2, 2]
+        crop_px = denormalize_points(out.landmarks.to(images.dtype), self.size)
+        landmarks = crop_to_image(crop_px, matrices)
         cov = None
         if ambiguity:
-            a = inv[:, :2, :2] * (self.size / 2)
+            a = invert_affine(matrices)[:, :2, :2] * (self.size / 2)
             cov_n = heatmap_moments(out.heatmaps[-1].float()).covariance.to(images.dtype)
             cov = a[:, None] @ cov_n @ a[:, None].transpose(-1, -2)
         return LandmarkResult(landmarks, cov, matrices, crops)

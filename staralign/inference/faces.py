@@ -27,6 +27,7 @@ detector is created, never at import time.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from .geometry import Box, whole_image_box
+from .geometry import BOX_MARGIN, FACE_SIZE, Box, whole_image_box
 
 __all__ = [
     "DETECTORS",
@@ -51,6 +52,7 @@ __all__ = [
     "calibrate_framing",
     "framing_of",
     "get_face_detector",
+    "parse_box",
 ]
 
 Detection = tuple[Box, "float | None"]
@@ -108,6 +110,31 @@ def framing_of(detector: Any) -> BoxFraming:
 def _pixel_box(x: float, y: float, w: float, h: float) -> Box:
     """A detector's (x, y, w, h) over whole pixels -> the pixel-centre frame's box edges."""
     return (float(x) - 0.5, float(y) - 0.5, float(x + w) - 0.5, float(y + h) - 0.5)
+
+
+def _check_box(values: Sequence[float]) -> Box:
+    """Four finite numbers with x2 > x1 and y2 > y1, as a tuple of floats; else ValueError."""
+    if len(values) != 4:
+        raise ValueError(f"a box is 4 numbers x1,y1,x2,y2, got {len(values)}")
+    x1, y1, x2, y2 = (float(v) for v in values)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {[x1, y1, x2, y2]}: x1,y1,x2,y2 must be finite numbers")
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"box {[x1, y1, x2, y2]} is empty: x1,y1,x2,y2 need x2 > x1 and y2 > y1")
+    return (x1, y1, x2, y2)
+
+
+def parse_box(text: str) -> Box:
+    """``"x1,y1,x2,y2"`` (pixels) -> a box; ValueError for a wrong count, a non-number,
+    a non-finite value, or x2 <= x1 or y2 <= y1."""
+    parts = str(text).split(",")
+    values = []
+    for part in parts:
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a number (expected x1,y1,x2,y2)") from None
+    return _check_box(values)
 
 
 class HaarDetector:
@@ -180,10 +207,7 @@ class FixedBoxes:
             arr = arr[None]
         if arr.ndim != 2 or arr.shape[1] != 4:
             raise ValueError(f"a box is 4 numbers x1, y1, x2, y2; got {np.asarray(boxes).tolist()}")
-        bad = [b.tolist() for b in arr if not (b[2] > b[0] and b[3] > b[1])]
-        if bad:
-            raise ValueError(f"box {bad[0]} is empty: need x2 > x1 and y2 > y1")
-        self.boxes: list[Box] = [tuple(float(v) for v in b) for b in arr]  # type: ignore[misc]
+        self.boxes: list[Box] = [_check_box(b) for b in arr]
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
         return [(b, None) for b in self.boxes]
@@ -289,7 +313,7 @@ def calibrate_framing(detector: FaceDetector, count: int = 400, seed: int = 0,
     ratios, shifts = [], []
     for i in range(count):
         image, _, info = render_face(np.random.default_rng([seed, i]), size)
-        side_t = info["scale"] * 200.0 / 1.05
+        side_t = info["scale"] * FACE_SIZE / BOX_MARGIN  # the face box's side
         cx, cy = info["center"]
         hits = [b for b, _ in detector(image) if b[0] < cx < b[2] and b[1] < cy < b[3]]
         if not hits:

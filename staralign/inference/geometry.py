@@ -1,8 +1,9 @@
 """Face box -> model crop -> image pixels, in numpy only (the ONNX path must not import torch).
 
 The conventions are the dataset's (``staralign.data.transforms`` and the
-converters), repeated here without their torch import; ``tests/test_inference.py``
-checks that both give the same numbers, so they cannot drift apart:
+converters).  The box -> crop rule and its constants come from the (torch-free)
+converters themselves; the rest is repeated here without ``transforms``' torch
+import, and ``tests/test_inference.py`` checks that both give the same numbers:
 
 * points are (x, y) with integer values at pixel centres; a box ``(x1, y1, x2, y2)``
   is in the same frame, so the box of a whole W x H image is
@@ -22,6 +23,9 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from ..data.converters import BOX_MARGIN, FACE_SIZE
+from ..data.converters import box_to_crop as _dataset_box_to_crop
+
 __all__ = [
     "BOX_MARGIN",
     "FACE_SIZE",
@@ -36,9 +40,6 @@ __all__ = [
     "whole_image_box",
 ]
 
-BOX_MARGIN = 1.05  # the authors' margin on the face box
-FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
-
 Box = tuple[float, float, float, float]
 
 
@@ -48,12 +49,11 @@ def whole_image_box(width: int, height: int) -> Box:
 
 
 def box_to_crop(box: Sequence[float]) -> tuple[float, tuple[float, float]]:
-    """Face box -> (scale, centre), exactly as the dataset converters compute them."""
+    """Face box -> (scale, centre): the dataset converters' rule, refusing empty boxes."""
     x1, y1, x2, y2 = (float(v) for v in box)
-    side = min(x2 - x1, y2 - y1)
-    if not side > 0:
+    if not min(x2 - x1, y2 - y1) > 0:
         raise ValueError(f"face box {tuple(box)} is empty (x2 <= x1 or y2 <= y1)")
-    return side / FACE_SIZE * BOX_MARGIN, ((x1 + x2) / 2.0, (y1 + y2) / 2.0)
+    return _dataset_box_to_crop(x1, y1, x2, y2)
 
 
 def crop_matrix(scale: float, center: Sequence[float], size: int) -> np.ndarray:

@@ -7,7 +7,6 @@ definition, input size and landmark conversions as JSON under the ONNX
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..definitions import DefinitionError, LandmarkDefinition
+from ..metadata import parse_record
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METADATA_KEY", "OnnxBackend", "OnnxModelError"]
 
@@ -71,16 +71,8 @@ class OnnxBackend:
             raise OnnxModelError(
                 f"{self.path}: not exported by staralign (no '{METADATA_KEY}' metadata: the landmark "
                 "definition and input size are unknown); export with 'staralign export'")
-        try:
-            info = json.loads(props[METADATA_KEY])
-        except json.JSONDecodeError as exc:
-            raise OnnxModelError(f"{self.path}: metadata '{METADATA_KEY}' is not JSON: {exc}") from exc
-        if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-            raise OnnxModelError(f"{self.path}: metadata '{METADATA_KEY}' is not a {FORMAT_NAME} record")
-        if int(info.get("version", 0)) > FORMAT_VERSION:
-            raise OnnxModelError(f"{self.path}: format version {info.get('version')} is newer than this "
-                                 f"staralign reads ({FORMAT_VERSION}); upgrade staralign")
-        return info
+        return parse_record(props[METADATA_KEY], source=str(self.path), key=METADATA_KEY,
+                            format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=OnnxModelError)
 
     def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Landmarks (B, N, 2) and, if asked and exported, covariances (B, N, 2, 2), normalised units."""

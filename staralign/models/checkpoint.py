@@ -36,6 +36,7 @@ from ..definitions import (
     definition_for_num_points,
     get_definition,
 )
+from ..metadata import parse_record
 from .hourglass import StackedHourglassNet
 from .layers import EdgeToPoint
 
@@ -85,18 +86,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
         raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from exc
     if METADATA_KEY not in metadata:
         return tensors, None  # weights only: the shape is inferred like a bare state dict
-    try:
-        info = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: metadata '{METADATA_KEY}' is not valid JSON: {exc}") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: metadata '{METADATA_KEY}' is not a {FORMAT_NAME} record")
-    version = info.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {version!r} is newer than this staralign reads "
-            f"({FORMAT_VERSION}); upgrade staralign"
-        )
+    info = parse_record(metadata[METADATA_KEY], source=str(path), key=METADATA_KEY,
+                        format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=CheckpointError)
     return tensors, info
 
 

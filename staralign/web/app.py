@@ -284,15 +284,14 @@ class LandmarkService:
 
 
 def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    from ..inference.faces import parse_box
+
     if text is None or text == "":
         return None
     try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4 or not all(np.isfinite(values)) or not (values[2] > values[0] and values[3] > values[1]):
-        raise ApiError(422, "bad_box", f"box={text!r}: expected x1,y1,x2,y2 (pixels) with x2 > x1 and y2 > y1")
-    return values[0], values[1], values[2], values[3]
+        return parse_box(text)
+    except ValueError as exc:
+        raise ApiError(422, "bad_box", f"box={text!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- ASGI guard

@@ -14,6 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..converters import BOX_MARGIN, FACE_SIZE
 from .geometry import Face, build_face, point_kinds
 from .labels import curve_tangents
 from .params import FaceParams, Occluder, face_tags, sample_params
@@ -253,7 +254,7 @@ def render_face(params_or_rng: FaceParams | np.random.Generator,
         "visible": ~occluded & ~hidden & in_image,
         "tags": tags,
         "face_box": face_box,
-        "scale": box_side / 200.0 * 1.05,
+        "scale": box_side / FACE_SIZE * BOX_MARGIN,  # the converters' box_to_crop rule
         "center": (float(centre[0]), float(centre[1])),
         "iod": float(np.linalg.norm(landmarks[60] - landmarks[72])),
         "pixels_per_unit": s,
