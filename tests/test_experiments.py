@@ -7,8 +7,11 @@ import json
 import cv2
 import numpy as np
 import pytest
+import yaml
 
-from staralign.experiments.ambiguity import format_results, run_ambiguity_experiment, split_errors
+from staralign.cli import main
+from staralign.data.synth import GENERATOR_VERSION
+from staralign.experiments.ambiguity import _same_data, format_results, run_ambiguity_experiment, split_errors
 from staralign.experiments.demo import run_demo
 
 SMALL = {
@@ -51,11 +54,34 @@ def test_split_errors_separates_tangent_and_normal():
     assert a["corner_nme"] == pytest.approx(0.05)
 
 
-def test_ambiguity_experiment_runs_and_reports(tmp_path):
-    result = run_ambiguity_experiment(tmp_path, seeds=2, sigma=0.05, train=16, test=6, epochs=1,
-                                      methods=("star", "l2"), workers=0, overrides=SMALL, quiet=True)
-    assert set(result["summary"]) == {"star", "l2"}
+def test_demo_refuses_a_budget_too_small_before_drawing(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no time to train"):
+        run_demo(tmp_path / "a", minutes=1.2, train=4, test=2, workers=0, quiet=True)
+    assert not (tmp_path / "a").exists()
+    # On the command line: a user error, no traceback.
+    assert main(["demo", "--out", str(tmp_path / "b"), "--minutes", "1"]) == 2
+    assert "no time to train" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_ambiguity_experiment_runs_reports_and_resumes_without_redoing_work(tmp_path):
+    kw = dict(sigma=0.05, train=16, test=6, epochs=1, methods=("star", "l2"), workers=0, overrides=SMALL,
+              quiet=True)
+    first = run_ambiguity_experiment(tmp_path, seeds=1, **kw)
+    image = next(p for p in (tmp_path / "data" / "images").rglob("*") if p.is_file())
+    weights = tmp_path / "runs" / "l2_seed0" / "last.safetensors"
+    stamps = image.stat().st_mtime_ns, weights.stat().st_mtime_ns
+    result = run_ambiguity_experiment(tmp_path, seeds=2, resume=True, **kw)
+    # Data and the finished runs are reused as they are; only the new seed trains.
+    assert (image.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
     assert len(result["runs"]) == 4
+    for k in range(2):  # seed 0's runs come first, in the same order
+        assert result["runs"][k]["nme"] == pytest.approx(first["runs"][k]["nme"], rel=1e-6)
+        assert result["runs"][k]["train_seconds"] == pytest.approx(first["runs"][k]["train_seconds"])
+        assert result["runs"][k]["train_seconds"] > 0
+    assert (tmp_path / "runs" / "l2_seed1" / "last.safetensors").exists()
+    # The report covers every run.
+    assert set(result["summary"]) == {"star", "l2"}
     for stats in result["summary"].values():
         assert stats["tangent"]["mean"] > 0 and stats["normal"]["mean"] > 0
     text = (tmp_path / "results.md").read_text()
@@ -63,21 +89,12 @@ def test_ambiguity_experiment_runs_and_reports(tmp_path):
     assert format_results(result["summary"], 2).count("\n") >= 3
     with pytest.raises(ValueError, match="unknown method"):
         run_ambiguity_experiment(tmp_path / "x", methods=("nope",), quiet=True)
-
-
-def test_ambiguity_experiment_resumes_without_redoing_work(tmp_path):
-    kw = dict(sigma=0.05, train=16, test=6, epochs=1, methods=("l2",), workers=0, overrides=SMALL, quiet=True)
-    first = run_ambiguity_experiment(tmp_path, seeds=1, **kw)
-    image = next(p for p in (tmp_path / "data" / "images").rglob("*") if p.is_file())
-    weights = tmp_path / "runs" / "l2_seed0" / "last.safetensors"
-    stamps = image.stat().st_mtime_ns, weights.stat().st_mtime_ns
-    second = run_ambiguity_experiment(tmp_path, seeds=2, resume=True, **kw)
-    # Data and the finished run are reused as they are; only the new seed trains.
-    assert (image.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
-    assert len(second["runs"]) == 2
-    assert second["runs"][0]["nme"] == pytest.approx(first["runs"][0]["nme"], rel=1e-6)
-    assert second["runs"][0]["train_seconds"] == pytest.approx(first["runs"][0]["train_seconds"])
-    assert (tmp_path / "runs" / "l2_seed1" / "last.safetensors").exists()
-    # Different data parameters are never mixed with old runs' data: it is drawn again.
-    run_ambiguity_experiment(tmp_path / "other", seeds=1, resume=True, **kw)
-    assert json.loads((tmp_path / "other" / "data" / "experiment_data.json").read_text())["train"] == 16
+    # Data is reused only when its synth.yaml matches: other parameters or generator versions are drawn again.
+    data = tmp_path / "data"
+    want = {"version": GENERATOR_VERSION, "train": 16, "test": 6, "ambiguity": 0.05, "seed": 0, "size": 128}
+    assert _same_data(data, want)
+    assert not _same_data(data, {**want, "train": 17})
+    assert not _same_data(data, {**want, "version": GENERATOR_VERSION + 1})
+    assert not _same_data(tmp_path / "nothing", want)
+    run_ambiguity_experiment(tmp_path / "other", seeds=1, resume=True, **{**kw, "methods": ("l2",)})
+    assert yaml.safe_load((tmp_path / "other" / "data" / "synth.yaml").read_text())["train"] == 16

@@ -8,6 +8,7 @@ A report directory holds, for one or several compared runs on the same faces:
 ``per_landmark.csv``      the same numbers
 ``per_sample.csv``        one row per face: index, row, image, subset flags, NME of each run
 ``worst_<run>.png``       the run's worst faces: ground truth (green) vs prediction (red) on the crop
+                          (``write_face_grid`` draws any chosen faces that way)
 
 Every file is written beside its final name and renamed over it, so an
 interrupted run never leaves a half-written file under a final name.  Plots use
@@ -40,6 +41,7 @@ __all__ = [
     "plot_ced",
     "plot_per_landmark",
     "safe_name",
+    "write_face_grid",
     "write_json",
     "write_per_landmark_csv",
     "write_per_sample_csv",
@@ -361,24 +363,34 @@ def _crop_tile(result: EvalResult, test_set: TestSet, k: int) -> np.ndarray:
     return tile
 
 
-def write_worst_grid(
-    result: EvalResult, test_set: TestSet, path: str | os.PathLike, count: int = 16, cols: int = 4
+def write_face_grid(
+    result: EvalResult, test_set: TestSet, path: str | os.PathLike, order: Sequence[int] | np.ndarray,
+    cols: int = 4,
 ) -> list[int]:
-    """A grid of the run's ``count`` highest-NME faces (worst first); returns their dataset indices."""
+    """A grid of the run's faces at positions ``order`` of its predictions, each drawn on its crop:
+    ground truth (green) vs prediction (red).  Returns their dataset indices; writes nothing
+    when ``order`` is empty."""
     import cv2
 
     from ..viz import make_grid
 
-    nmes = np.nan_to_num(result.nmes, nan=np.inf)
-    order = np.argsort(-nmes, kind="stable")[: max(0, int(count))]
     if not len(order):
         return []
     tiles = [_crop_tile(result, test_set, int(k)) for k in order]
     ok, buf = cv2.imencode(".png", make_grid(tiles, cols=cols))
     if not ok:
-        raise RuntimeError("OpenCV could not encode the worst-faces grid")
+        raise RuntimeError("OpenCV could not encode the face grid")
     atomic_write(path, buf.tobytes())
     return [int(result.predictions.indices[k]) for k in order]
+
+
+def write_worst_grid(
+    result: EvalResult, test_set: TestSet, path: str | os.PathLike, count: int = 16, cols: int = 4
+) -> list[int]:
+    """A grid of the run's ``count`` highest-NME faces (worst first); returns their dataset indices."""
+    nmes = np.nan_to_num(result.nmes, nan=np.inf)
+    order = np.argsort(-nmes, kind="stable")[: max(0, int(count))]
+    return write_face_grid(result, test_set, path, order, cols)
 
 
 def write_report(

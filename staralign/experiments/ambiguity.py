@@ -29,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.synth.geometry import KIND_CONTOUR, KIND_CORNER
+from .common import IMAGE_SIZE, draw_faces, tiny_config
+
 METHODS: dict[str, dict[str, Any]] = {
     "star": {"loss": {"kind": "star", "map_weight": 10.0}},
     "aam": {"loss": {"kind": "smoothl1", "map_weight": 10.0}},
@@ -62,7 +65,7 @@ def split_errors(
     """Tangent/normal components of errors in image pixels, normalised per face.
 
     ``pred``/``gt``: (M, N, 2) image pixels; ``tangents``: (M, N, 2) unit vectors
-    (zero where undefined); ``kinds``: (N,) 0 contour, 1 corner, 2 pupil;
+    (zero where undefined); ``kinds``: (N,) ``KIND_CONTOUR``, ``KIND_CORNER`` or ``KIND_PUPIL``;
     ``iod``: (M,) normalising distance.
     """
     err = (pred - gt) / iod[:, None, None]
@@ -70,8 +73,8 @@ def split_errors(
     along = np.abs((err * tangents).sum(-1))
     across = np.abs((err * normals).sum(-1))
     size = np.linalg.norm(err, axis=-1)
-    contour = kinds == 0
-    corner = kinds == 1
+    contour = kinds == KIND_CONTOUR
+    corner = kinds == KIND_CORNER
     return {
         "nme": float(size.mean()),
         "tangent": float(along[:, contour].mean()),
@@ -81,16 +84,19 @@ def split_errors(
     }
 
 
-def _train_seconds(run_dir: Path) -> float:
-    """Training time summed over the run's epochs (validation included), across resumes."""
-    per_epoch: dict[int, float] = {}  # by epoch: an epoch repeated after a resume counts once
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "val":
-                per_epoch[int(rec["epoch"])] = float(rec.get("epoch_seconds", 0.0))
-    return sum(per_epoch.values())
+def _same_data(data: Path, want: dict[str, Any]) -> bool:
+    """Whether ``data`` holds a finished synthetic dataset drawn with ``want``: its ``synth.yaml``
+    (written last, removed when drawing starts) has those values."""
+    import yaml
+
+    path = data / "synth.yaml"
+    if not path.exists():
+        return False
+    try:
+        have = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:  # cut short
+        return False
+    return isinstance(have, dict) and all(have.get(k) == v for k, v in want.items())
 
 
 def _summarise(runs: list[RunErrors]) -> dict[str, dict[str, dict[str, float]]]:
@@ -148,10 +154,10 @@ def run_ambiguity_experiment(
     """
     import torch
 
-    from ..config import load_preset, merge
-    from ..data.synth import generate_dataset, point_kinds
+    from ..data.synth import GENERATOR_VERSION, point_kinds
+    from ..definitions import get_definition
     from ..devices import resolve_device
-    from ..engine.evaluator import crop_to_image_space, evaluate_model, load_test_set
+    from ..engine.evaluator import evaluate_model, load_test_set
     from ..engine.trainer import train as train_run
     from ..metrics import normalising_distance
     from ..models import load_model
@@ -166,55 +172,49 @@ def run_ambiguity_experiment(
     t0 = time.monotonic()
     out = Path(out_dir)
     data = out / "data"
-    params = {"train": train, "test": test, "sigma": sigma, "seed": data_seed, "size": 128}
-    marker = data / "experiment_data.json"
-    if resume and marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == params:
+    want = {"version": GENERATOR_VERSION, "train": train, "test": test, "ambiguity": float(sigma),
+            "seed": data_seed, "size": IMAGE_SIZE}
+    if resume and _same_data(data, want):
         say(f"reusing the synthetic data in {data}")
     else:
         say(f"drawing {train} training faces (label ambiguity sigma {sigma:g}) and {test} exact test faces")
-        marker.unlink(missing_ok=True)
-        generate_dataset(data, train=train, test=test, ambiguity=sigma, seed=data_seed, size=128,
-                         workers=max(1, workers + 1), progress=not quiet)
-        marker.write_text(json.dumps(params), encoding="utf-8")
+        draw_faces(data, train, test, sigma, data_seed, workers, quiet)
+    # The same test faces for every run: read once, with their exact tangents and normalising distance.
+    dev = resolve_device(device)
+    definition = get_definition("WFLW")  # the generator's layout
+    test_set = load_test_set(definition, data, data)
     tangents = np.load(data / "test_tangents.npy").astype(np.float64)
-    kinds = point_kinds(98)
+    iod = normalising_distance(np.stack([a.landmarks for a in test_set.annotations]).astype(np.float64),
+                               definition, "default")
+    kinds = point_kinds(definition.num_points)
 
     runs: list[RunErrors] = []
     for seed in range(seeds):
         for method in methods:
             run_dir = out / "runs" / f"{method}_seed{seed}"
-            config = merge(load_preset("tiny"), {
-                "data": {"image_dir": str(data), "annot_dir": str(data), "workers": workers},
-                "optim": {"epochs": epochs},
-                "runtime": {"device": device, "seed": seed, "tensorboard": False},
-                **METHODS[method],
-            })
-            if overrides:
-                config = merge(config, overrides)
+            config = tiny_config(data, workers, device, seed, {
+                "optim": {"epochs": epochs}, "runtime": {"tensorboard": False}, **METHODS[method]}, overrides)
             t = time.monotonic()
             if resume and (run_dir / "train_state.pt").exists():
                 say(f"resuming {method} (seed {seed}) in {run_dir}")
-                train_run(config, run_dir, resume=True)
+                trained = train_run(config, run_dir, resume=True)
             else:
                 say(f"training {method} (seed {seed}) -> {run_dir}")
-                train_run(config, run_dir)
-            dev = resolve_device(device)
+                trained = train_run(config, run_dir)
             # The last weights: every method gets the same schedule, no selection on the test set.
             model = load_model(run_dir / "last.safetensors", map_location=dev)
-            test_set = load_test_set(model.definition, data, data)
-            res = evaluate_model(model, test_set, device=dev, label=method)
-            pred = crop_to_image_space(res.predictions.pred, res.predictions.matrices, model.config.input_size)
-            gt = np.stack([a.landmarks for a in test_set.annotations]).astype(np.float64)
-            iod = normalising_distance(gt, model.definition, "default")
-            errs = split_errors(pred, gt, tangents, kinds, iod)
-            runs.append(RunErrors(method, seed, seconds=time.monotonic() - t,
-                                  train_seconds=_train_seconds(run_dir), **errs))
+            res = evaluate_model(model, test_set, device=dev, space="image", label=method)
+            faces = res.predictions.indices
+            errs = split_errors(res.pred, res.gt, tangents[faces], kinds, iod[faces])
+            # Training time over all epochs (validation included); the history survives resumes.
+            train_seconds = sum(float(r.get("epoch_seconds", 0.0)) for r in trained.history)
+            runs.append(RunErrors(method, seed, seconds=time.monotonic() - t, train_seconds=train_seconds, **errs))
             say(f"  NME {100 * errs['nme']:.2f}%, contour tangent {100 * errs['tangent']:.2f}% / "
                 f"normal {100 * errs['normal']:.2f}%")
 
     summary = _summarise(runs)
     minutes = (time.monotonic() - t0) / 60
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {resolve_device(device)}"
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, {dev}"
     train_minutes = sum(r.train_seconds for r in runs) / 60
     result = {
         "sigma": sigma, "train": train, "test": test, "epochs": epochs, "seeds": seeds,

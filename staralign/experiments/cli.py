@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import argparse
 
+from .ambiguity import METHODS  # light: the module imports numpy at the top, torch only when run
+
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from ..cli import UserError
     from .demo import run_demo
 
-    run_demo(args.out, minutes=args.minutes, train=args.train, test=args.test, seed=args.seed,
-             device=args.device, workers=args.workers)
+    try:
+        run_demo(args.out, minutes=args.minutes, train=args.train, test=args.test, seed=args.seed,
+                 device=args.device, workers=args.workers)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     return 0
 
 
 def _run_ambiguity(args: argparse.Namespace) -> int:
+    from ..cli import UserError
     from .ambiguity import run_ambiguity_experiment
 
-    run_ambiguity_experiment(args.out, seeds=args.seeds, sigma=args.sigma, train=args.train, test=args.test,
-                             epochs=args.epochs, methods=tuple(args.methods), device=args.device,
-                             workers=args.workers, resume=args.resume)
+    try:
+        run_ambiguity_experiment(args.out, seeds=args.seeds, sigma=args.sigma, train=args.train, test=args.test,
+                                 epochs=args.epochs, methods=tuple(args.methods), device=args.device,
+                                 workers=args.workers, resume=args.resume)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     return 0
 
 
@@ -43,7 +53,7 @@ def register(sub) -> None:
     a.add_argument("--train", type=int, default=1500)
     a.add_argument("--test", type=int, default=300)
     a.add_argument("--epochs", type=int, default=8)
-    a.add_argument("--methods", nargs="+", default=["star", "aam", "l2"], choices=["star", "aam", "l2"])
+    a.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     a.add_argument("--device", default="auto")
     a.add_argument("--workers", type=int, default=1)
     a.add_argument("--resume", action="store_true",

@@ -3,7 +3,8 @@
 1. draw a small synthetic face dataset (98-point WFLW layout, exact labels);
 2. train the ``tiny`` preset on it within a time budget;
 3. evaluate the best checkpoint on the test faces and write a report
-   (metrics JSON, CED plot, per-landmark errors, worst faces, a grid of predictions);
+   (metrics JSON, CED plot, per-landmark errors, worst faces, and the first
+   faces in ``predictions.png``: ground truth vs prediction);
 4. compare with the mean-shape baseline (every test face predicted as the
    average training shape), so the number means something.
 
@@ -21,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
-DEMO_IMAGE_SIZE = 128  # synthetic image side; the tiny preset crops to 128 px as well
+from .common import draw_faces, tiny_config
+
 EVAL_RESERVE_MINUTES = 1.0  # kept for evaluation and the report out of the time budget
+MIN_TRAIN_MINUTES = 0.5  # less than this left for training is an error
+GRID_FACES = 16  # the first test faces drawn in predictions.png
 
 
 @dataclass
@@ -62,28 +66,6 @@ def mean_shape_nme(train_tsv: Path, test_gt: np.ndarray, definition, input_size:
     return nme(np.broadcast_to(mean, test_gt.shape), test_gt, definition)
 
 
-def write_prediction_grid(result, test_set, path: Path, count: int = 16) -> Path:
-    """The first ``count`` test crops with the predicted landmarks (and the definition's contours)."""
-    import cv2
-
-    from ..data.transforms import denormalize_points
-    from ..engine.report import atomic_write
-    from ..viz import draw_landmarks, make_grid
-
-    dataset = test_set.dataset(result.definition, result.input_size)
-    tiles = []
-    for k in range(min(count, len(dataset))):
-        sample = dataset[int(result.predictions.indices[k])]
-        crop = (sample["image"].numpy().transpose(1, 2, 0) * 127.5 + 127.5).clip(0, 255).astype(np.uint8)
-        crop = cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
-        points = denormalize_points(result.predictions.pred[k].astype(np.float64), result.input_size) * 2 + 0.5
-        tiles.append(draw_landmarks(crop, points, definition=result.definition))
-    ok, buf = cv2.imencode(".png", make_grid(tiles, cols=4))
-    if not ok:
-        raise RuntimeError("could not encode the prediction grid")
-    return atomic_write(path, buf.tobytes())
-
-
 def run_demo(
     out_dir: str | Path,
     minutes: float = 10.0,
@@ -100,11 +82,10 @@ def run_demo(
     ``overrides`` (nested TrainConfig fields) change the training set-up, e.g. for tests.
     """
 
-    from ..config import load_preset, merge, save_yaml
-    from ..data.synth import generate_dataset
+    from ..config import save_yaml
     from ..devices import resolve_device
     from ..engine.evaluator import evaluate_model, load_test_set
-    from ..engine.report import build_summary, format_table, write_json, write_report
+    from ..engine.report import build_summary, format_table, write_face_grid, write_json, write_report
     from ..engine.trainer import train as train_run
     from ..models import load_model
 
@@ -112,6 +93,9 @@ def run_demo(
         if not quiet:
             print(msg, flush=True)
 
+    if minutes - EVAL_RESERVE_MINUTES <= MIN_TRAIN_MINUTES:  # before drawing anything
+        raise ValueError(f"--minutes {minutes:g} leaves no time to train: give more than "
+                         f"{EVAL_RESERVE_MINUTES + MIN_TRAIN_MINUTES:g} (plus the time to draw the data)")
     t0 = time.monotonic()
     out = Path(out_dir)
     data_dir, run_dir, report_dir = out / "data", out / "run", out / "report"
@@ -119,19 +103,14 @@ def run_demo(
     seconds: dict[str, float] = {}
 
     say(f"[1/4] drawing {train} training and {test} test faces into {data_dir}")
-    generate_dataset(data_dir, train=train, test=test, ambiguity=0.0, seed=seed, size=DEMO_IMAGE_SIZE,
-                     workers=max(1, workers + 1), progress=not quiet)
+    draw_faces(data_dir, train, test, 0.0, seed, workers, quiet)
     seconds["data"] = time.monotonic() - t0
 
     budget = minutes - (time.monotonic() - t0) / 60 - EVAL_RESERVE_MINUTES
-    if budget <= 0.5:
+    if budget <= MIN_TRAIN_MINUTES:
         raise ValueError(f"--minutes {minutes:g} leaves no time to train after drawing the data")
-    config = merge(load_preset("tiny"), {
-        "data": {"image_dir": str(data_dir), "annot_dir": str(data_dir), "workers": workers},
-        "runtime": {"device": device, "seed": seed, "time_budget_minutes": round(budget, 2)},
-    })
-    if overrides:
-        config = merge(config, overrides)
+    config = tiny_config(data_dir, workers, device, seed, {"runtime": {"time_budget_minutes": round(budget, 2)}},
+                         overrides)
     save_yaml(config, out / "train_config.yaml")
     say(f"[2/4] training the tiny preset ({config.model.nstack} stacks, {config.model.channels} channels, "
         f"{config.model.input_size} px) for at most {config.optim.epochs} epochs or {budget:.1f} min")
@@ -152,7 +131,8 @@ def run_demo(
     summary = build_summary([evaluation], test_set, thresholds, extra={"mean_shape_baseline": {
         "nme": float(baseline.mean()), "description": "every test face predicted as the mean training shape"}})
     write_report([evaluation], test_set, report_dir, summary)
-    write_prediction_grid(evaluation, test_set, report_dir / "predictions.png")
+    first = np.arange(min(GRID_FACES, len(test_set)))
+    write_face_grid(evaluation, test_set, report_dir / "predictions.png", first)
     seconds["evaluate"] = time.monotonic() - t2
     seconds["total"] = time.monotonic() - t0
     run = summary["runs"]["tiny"]

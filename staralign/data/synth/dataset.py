@@ -8,7 +8,8 @@ Layout of ``OUT`` (image paths in the tsv files are relative to ``OUT``, so
     OUT/{split}_exact.npy              (M, 98, 2) float32 exact landmarks (== test labels)
     OUT/{split}_tangents.npy           (M, 98, 2) float32 unit contour tangents, image px
     OUT/{split}_visible.npy            (M, 98) bool: not under an occluder or eyelid
-    OUT/synth.yaml                     everything needed to regenerate the dataset
+    OUT/synth.yaml                     everything needed to regenerate the dataset; written
+                                       last (and removed first): without it the data is incomplete
 
 Sample ``i`` of a split depends only on ``(seed, split, i)``: its image comes from
 ``numpy.random.default_rng([seed, split_id, i])`` and its label noise from
@@ -117,6 +118,7 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     out = Path(out_dir)
+    (out / "synth.yaml").unlink(missing_ok=True)  # until the new one is written, the data is incomplete
     definition = get_definition("WFLW")
     counts = {"train": int(train), "test": int(test)}
     t0 = time.perf_counter()
@@ -127,6 +129,22 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
         jobs += [(str(out), int(seed), split, s, min(n, s + chunk), int(size), float(ambiguity),
                   image_format) for s in range(0, n, chunk)]
     rows: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    total = counts["train"] + counts["test"]
+    last_quarter = -1
+
+    def report() -> None:
+        nonlocal last_quarter
+        if not progress:
+            return
+        done = sum(len(v) for v in rows.values())
+        if sys.stdout.isatty():
+            print(f"\rsynth: {done}/{total} faces", end="\n" if done == total else "", flush=True)
+        else:  # a log file: one line per quarter
+            quarter = done * 4 // max(total, 1)
+            if quarter > last_quarter:
+                last_quarter = quarter
+                print(f"synth: {done}/{total} faces", flush=True)
+
     if workers > 1 and len(jobs) > 1:
         # forkserver, not fork: a forked child inherits OpenCV's thread pool in a
         # broken state when the parent already used OpenCV, and can hang.
@@ -134,11 +152,11 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
                 workers, initializer=_init_worker) as pool:
             for job, result in zip(jobs, pool.imap(_work, jobs), strict=True):
                 rows[job[2]].extend(result)
-                _report(progress, rows, counts)
+                report()
     else:
         for job in jobs:
             rows[job[2]].extend(_work(job))
-            _report(progress, rows, counts)
+            report()
 
     for split, split_rows in rows.items():
         anns = [Annotation(r["path"], r["labels"], r["scale"], r["center"],
@@ -180,22 +198,6 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
     }
     with open(out / "synth.yaml", "w", encoding="utf-8") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
-    total = counts["train"] + counts["test"]
     return {"out_dir": str(out), **counts, "seconds": seconds,
             "images_per_second": total / seconds if seconds > 0 else float("inf")}
 
-
-def _report(progress: bool, rows: dict[str, list], counts: dict[str, int]) -> None:
-    if not progress:
-        return
-    done, total = sum(len(v) for v in rows.values()), sum(counts.values())
-    if sys.stdout.isatty():
-        print(f"\rsynth: {done}/{total} faces", end="\n" if done == total else "", flush=True)
-    else:  # a log file: one line per quarter
-        quarter = done * 4 // max(total, 1)
-        if quarter > _LAST_QUARTER.get(id(rows), -1):
-            _LAST_QUARTER[id(rows)] = quarter
-            print(f"synth: {done}/{total} faces", flush=True)
-
-
-_LAST_QUARTER: dict[int, int] = {}

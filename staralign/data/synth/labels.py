@@ -43,6 +43,18 @@ def _tangent(prev_dir: np.ndarray, next_dir: np.ndarray) -> np.ndarray:
     return np.where(ok, _unit(s), next_dir)
 
 
+def _vertex_tangents(prev: np.ndarray, here: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """Unit tangents (K, 2) at the vertices ``here`` from their neighbours ``prev`` and ``nxt``.
+
+    A neighbour that is the vertex itself (an open end) gives a zero segment, which takes
+    the direction of the other one.
+    """
+    u1, u2 = _unit(here - prev), _unit(nxt - here)
+    u1 = np.where(u1.any(axis=-1, keepdims=True), u1, u2)
+    u2 = np.where(u2.any(axis=-1, keepdims=True), u2, u1)
+    return _tangent(u1, u2)
+
+
 def curve_tangents(curves: Sequence[dict[str, Any]], num_points: int = 98) -> np.ndarray:
     """(num_points, 2) float32 exact unit tangents of the drawn curves at the landmarks
     (zero for points on no curve: the pupils).  ``curves`` as in ``render_face``'s info."""
@@ -65,12 +77,8 @@ def curve_tangents(curves: Sequence[dict[str, Any]], num_points: int = 98) -> np
         base += m
     p = np.concatenate(pts)
     h, a, b = np.concatenate(here), np.concatenate(prev), np.concatenate(nxt)
-    u1, u2 = _unit(p[h] - p[a]), _unit(p[b] - p[h])
-    # a zero segment (open end) takes the direction of the other one
-    u1 = np.where(np.abs(u1).sum(1, keepdims=True) == 0, u2, u1)
-    u2 = np.where(np.abs(u2).sum(1, keepdims=True) == 0, u1, u2)
     out = np.zeros((num_points, 2), np.float64)
-    out[np.concatenate(ids)] = _tangent(u1, u2)
+    out[np.concatenate(ids)] = _vertex_tangents(p[a], p[h], p[b])
     return out.astype(np.float32)
 
 
@@ -143,10 +151,7 @@ def tangents_from_landmarks(landmarks: np.ndarray, definition: Any) -> np.ndarra
         else:
             prev = np.concatenate([idx[:1], idx[:-1]])
             nxt = np.concatenate([idx[1:], idx[-1:]])
-        u1, u2 = _unit(lm[idx] - lm[prev]), _unit(lm[nxt] - lm[idx])
-        u1 = np.where(np.linalg.norm(u1, axis=1, keepdims=True) > 0, u1, u2)
-        u2 = np.where(np.linalg.norm(u2, axis=1, keepdims=True) > 0, u2, u1)
-        t = _tangent(u1, u2)
+        t = _vertex_tangents(lm[prev], lm[idx], lm[nxt])
         new = ~done[idx]
         out[idx[new]] = t[new]
         done[idx] = True
