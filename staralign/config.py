@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ._io import atomic_write
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -305,10 +307,7 @@ def merge(obj: T, overrides: dict[str, Any]) -> T:
 
 def save_yaml(obj: Any, path: str | Path) -> None:
     """Write a dataclass (or plain data) as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

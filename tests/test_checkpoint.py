@@ -275,3 +275,18 @@ def test_one_metadata_parser_for_weights_and_onnx_files():
             parse(text, error=CheckpointError)
     with pytest.raises(ValueError, match="m.bin"):
         parse(None)
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    from staralign._io import atomic_path, atomic_write
+
+    target = tmp_path / "sub" / "file.txt"
+    assert atomic_write(target, "old") == target and target.read_text() == "old"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("the writer dies")
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left behind
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write
+
 __all__ = [
     "COLUMNS",
     "WFLW_TAGS",
@@ -257,14 +259,7 @@ def format_row(a: Annotation) -> str:
 
 def write_annotations(path: str | os.PathLike, annotations: Iterable[Annotation], header: bool = True) -> int:
     """Write faces to a metadata file atomically; returns the number of rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [format_row(a) for a in annotations]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        if header:
-            fh.write("\t".join(COLUMNS) + "\n")
-        for r in rows:
-            fh.write(r + "\n")
-    tmp.replace(path)
+    lines = (["\t".join(COLUMNS)] if header else []) + rows
+    atomic_write(path, "".join(line + "\n" for line in lines))
     return len(rows)

@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from ..models.checkpoint import unwrap
+
 
 def default_decay(global_batch_size: int) -> float:
     """The original's decay: ``0.5 ** (global batch / 10000)`` (a half-life of 10,000 samples)."""
@@ -57,14 +59,3 @@ def _split(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     buffers = list(module.buffers())
     floats = [t for t in [*module.parameters(), *buffers] if t.is_floating_point()]
     return floats, [t for t in buffers if not t.is_floating_point()]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

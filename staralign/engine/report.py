@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write
 from .evaluator import FULL, EvalResult, TestSet
 
 __all__ = [
     "FORMAT_NAME",
-    "atomic_write",
     "build_summary",
     "format_table",
     "json_text",
@@ -57,20 +57,6 @@ MIN_TILE = 256  # worst-face tiles are drawn at least this large, whatever the n
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _finite(value: Any) -> Any:

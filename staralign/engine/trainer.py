@@ -38,9 +38,10 @@ from torch.utils.data import DataLoader
 from ..config import TrainConfig, save_yaml, to_dict
 from ..definitions import LandmarkDefinition, get_definition
 from ..losses.recipe import RecipeLoss
+from ..models.checkpoint import unwrap
 from ..models.speed import autocast
 from . import distributed as D
-from .ema import ModelEMA, default_decay, unwrap
+from .ema import ModelEMA, default_decay
 from .state import load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("staralign.train")

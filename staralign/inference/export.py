@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._io import atomic_path
 from ..config import to_dict
 from ..heatmaps import heatmap_moments
 from .onnx_backend import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY
@@ -178,8 +179,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, dynamic_batch: boo
     size = int(model.config.input_size)
     names = output_names(with_ambiguity)
     module = OnnxExportModule(model, with_ambiguity).eval()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         # A batch of 2 keeps the exporter from specialising the batch dimension to 1.
         _export_graph(module, _example(size, 2 if dynamic_batch else 1), tmp, opset, dynamic_batch,
                       exporter, names)
@@ -193,9 +193,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, dynamic_batch: boo
         onnx.save(proto, str(tmp))
         for extra in tmp.parent.glob(f"{tmp.name}.data"):  # external data, if an exporter left any
             extra.unlink()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     report = ExportReport(path, opset, exporter, dynamic_batch, names, tolerance=tolerance)
     if check:
         worst, moments = 0.0, {}

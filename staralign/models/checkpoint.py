@@ -19,7 +19,6 @@ to full unpickling, which can execute arbitrary code.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_path
 from ..config import ConfigError, ModelConfig, from_dict, to_dict
 from ..definitions import (
     DefinitionError,
@@ -48,6 +48,7 @@ __all__ = [
     "load_model",
     "read_state_dict",
     "save_model",
+    "unwrap",
 ]
 
 FORMAT_NAME = "staralign.model"
@@ -330,7 +331,7 @@ def load_model(
 # --------------------------------------------------------------------------- saving
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The network inside DataParallel/DDP (``.module``) or torch.compile (``._orig_mod``)."""
     while True:
         inner = getattr(model, "module", None)
@@ -349,7 +350,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    net = _unwrap(model)
+    net = unwrap(model)
     config = getattr(net, "config", None)
     definition = getattr(net, "definition", None)
     if not isinstance(config, ModelConfig) or not isinstance(definition, LandmarkDefinition):
@@ -362,12 +363,6 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
         "definition": definition.to_dict(),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info)})
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
