@@ -81,6 +81,7 @@ LANDMARK_LOSSES = ("star", "star_v1", "smoothl1", "l1", "l2", "wing", "none")
 
 
 TARGET_PLACEMENTS = ("auto", "worker", "mixed", "device")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 @dataclass
@@ -182,7 +183,7 @@ class RuntimeConfig:
     tensorboard: bool = True
 
     def validate(self) -> None:
-        if self.amp not in ("none", "bf16", "fp16"):
+        if self.amp not in AMP_MODES:
             raise ConfigError(f"runtime.amp: must be none, bf16 or fp16, got {self.amp!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"runtime.on_nonfinite: must be stop or skip, got {self.on_nonfinite!r}")

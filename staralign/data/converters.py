@@ -27,7 +27,6 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..definitions import LandmarkDefinition, get_definition
@@ -334,6 +333,8 @@ def convert_cofw(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  image_out: str | os.PathLike | None = None, one_based: bool = True) -> dict[str, int]:
     """COFW ``.mat`` files -> PNG images under ``image_out`` (default ``out_dir/images``)
     as ``train/0001.png`` ..., and ``train.tsv`` / ``test.tsv`` with paths relative to it."""
+    import cv2  # here, not at the top: building the CLI parser must not load OpenCV
+
     root = Path(raw_dir)
     d = get_definition("COFW")
     out = Path(out_dir)

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset, get_worker_info
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset, default_collate
 
 from ..definitions import LandmarkDefinition, get_definition
 from .annotations import Annotation, AnnotationError, AnnotationFile, read_annotations, resolve_image_path
@@ -243,43 +243,13 @@ class LandmarkDataset(Dataset):
         return sample
 
 
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """An uninitialised tensor in shared memory (what a DataLoader worker sends without copying)."""
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
-def _stack(values: list[Tensor]) -> Tensor:
-    """torch.stack; inside a DataLoader worker straight into shared memory (as torch's default
-    collate does), which saves the copy the loader would otherwise make to send the batch."""
-    first = values[0]
-    if get_worker_info() is None:
-        return torch.stack(values)
-    return torch.stack(values, out=_shared_empty((len(values), *first.shape), first.dtype))
-
-
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of samples into a batch: tensors stacked, ``index`` and ``flipped`` as
-    tensors, ``image_path`` a list; ``tags`` stacked when all have the same length, else
-    padded with -1."""
+    """Stack a list of samples into a batch with torch's ``default_collate`` (tensors stacked --
+    in a worker, straight into shared memory --, ``index`` int64, ``flipped`` bool,
+    ``image_path`` a list), and ``tags`` padded with -1 where their lengths differ."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
-    out: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if key == "tags":
-            width = max(int(v.numel()) for v in values)
-            tags = torch.full((len(values), width), -1, dtype=torch.int64)
-            for i, v in enumerate(values):
-                tags[i, :v.numel()] = v
-            out[key] = tags
-        elif isinstance(values[0], Tensor):
-            out[key] = _stack(values)
-        elif key in ("index",):
-            out[key] = torch.tensor(values, dtype=torch.int64)
-        elif key == "flipped":
-            out[key] = torch.tensor(values, dtype=torch.bool)
-        else:
-            out[key] = list(values)
-    return out
+    batch = default_collate([{k: v for k, v in s.items() if k != "tags"} for s in samples])
+    if "tags" in samples[0]:
+        batch["tags"] = pad_sequence([s["tags"] for s in samples], batch_first=True, padding_value=-1)
+    return batch

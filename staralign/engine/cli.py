@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import ConfigError, TrainConfig, load_preset, merge
+from ..config import (
+    AMP_MODES,
+    LANDMARK_LOSSES,
+    TARGET_PLACEMENTS,
+    ConfigError,
+    TrainConfig,
+    load_preset,
+    merge,
+)
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +35,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-file", help="training annotation file name (default train.tsv)")
     g.add_argument("--val-file", help="validation annotation file name (default test.tsv)")
     g.add_argument("--workers", type=int, help="data loader processes per training process")
-    g.add_argument("--targets", choices=["auto", "worker", "mixed", "device"],
+    g.add_argument("--targets", choices=TARGET_PLACEMENTS,
                    help="where point/edge map targets are built: loader workers, mixed (edge maps in the "
                         "workers, point maps on the device), or the device; auto = mixed on CUDA, else worker")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed annotation rows")
@@ -40,7 +48,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="per process (per GPU)")
     g.add_argument("--lr", type=float)
-    g.add_argument("--loss", choices=["star", "star_v1", "smoothl1", "l1", "l2", "wing", "awing"],
+    g.add_argument("--loss", choices=[k for k in LANDMARK_LOSSES if k != "none"] + ["awing"],
                    help="landmark loss (awing: the AAM maps alone)")
     g.add_argument("--star-w", type=float)
     g.add_argument("--star-dist", choices=["smoothl1", "l1", "l2", "wing"])
@@ -48,7 +56,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int)
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    g.add_argument("--amp", choices=AMP_MODES)
     g.add_argument("--channels-last", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None)
     g.add_argument("--cudnn-benchmark", action="store_true", default=None)
