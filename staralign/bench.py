@@ -345,6 +345,7 @@ def _write_bench_dataset(folder, definition, count: int, size: int, seed: int):
     import numpy as np
 
     from .data.annotations import Annotation, five_points_from_landmarks, write_annotations
+    from .data.converters import box_to_crop
 
     rng = np.random.default_rng(seed)
     anns = []
@@ -359,8 +360,8 @@ def _write_bench_dataset(folder, definition, count: int, size: int, seed: int):
         lm = _template_landmarks(definition, rng, face) + offset.astype(np.float32)
         (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
         five = five_points_from_landmarks(lm, definition.five_points) if definition.five_points else None
-        anns.append(Annotation(name, lm, float(min(x1 - x0, y1 - y0) / 200 * 1.05),
-                               (float(x0 + x1) / 2, float(y0 + y1) / 2), five))
+        scale, center = box_to_crop(float(x0), float(y0), float(x1), float(y1))  # the datasets' rule
+        anns.append(Annotation(name, lm, scale, center, five))
     write_annotations(folder / "train.tsv", anns)
     return folder / "train.tsv"
 
