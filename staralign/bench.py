@@ -448,7 +448,7 @@ def _stage_profile(dataset, count: int) -> dict[str, float]:
             pts = transform_points(dataset.items[i].landmarks, point_m)
             crop = warp_image(image, image_m, dataset.input_size)
             t2 = time.perf_counter()
-            crop = apply_texture(crop, sample_rng(dataset.seed, 0, i), dataset.texture)
+            crop = apply_texture(crop, sample_rng(dataset.seed, 0, i, stream=1), dataset.texture)
             t3 = time.perf_counter()
             image_to_tensor(crop)
             normalize_points(pts, dataset.input_size)

@@ -282,10 +282,9 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
 
     target = tmp_path / "sub" / "file.txt"
     assert atomic_write(target, "old") == target and target.read_text() == "old"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("the writer dies")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer dies")
     assert target.read_text() == "old"
     assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left behind
     atomic_write(target, b"new")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from staralign.cli import main
+from staralign.data.annotations import AnnotationError, read_annotations
 from staralign.data.check import check_dataset
 
 HEADER = "image_path\tlandmarks_5pts\tlandmarks_target\tscale\tcenter_w\tcenter_h\n"
@@ -101,6 +103,26 @@ def test_counts_without_a_definition_use_the_majority(tmp_path):
     assert nrows == 3 and [(x.line, x.field) for x in problems] == [(4, "landmarks_target")]
     problems, _ = check_dataset(p, tmp_path, check_images=False)
     assert len(problems) == 1
+
+
+def test_reading_skips_rows_off_the_majority_count(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    rows = [_row("a.png", _face(rng, 9)), _row("b.png", _face(rng, 10)), _row("c.png", _face(rng, 10)),
+            _row("d.png", _face(rng, 10), scale=-1.0), _row("e.png", _face(rng, 8))]
+    p = _dataset(tmp_path, rows[:2])
+    with pytest.raises(AnnotationError, match=r":3: field 'landmarks_target': 10 points here but 9 on line 2"):
+        read_annotations(p)  # without skipping, mixed counts still fail
+    p = _dataset(tmp_path, rows)
+    file = read_annotations(p, skip_bad_rows=True)
+    assert [a.image_path for a in file] == ["b.png", "c.png"]
+    assert [(e.source, e.line, e.field) for e in file.skipped] == [
+        (str(p), 2, "landmarks_target"), (str(p), 5, "scale"), (str(p), 6, "landmarks_target")]
+    assert "9 points, but 2 of 4 rows have 10" in str(file.skipped[0])
+    # The check reports them all, each with file and line.
+    assert main(["data", "check", str(p), "--no-images"]) == 1
+    out, err = capsys.readouterr()
+    assert [x.split(": ")[0] for x in out.splitlines()] == [f"{p}:{n}" for n in (2, 5, 6)]
+    assert "3 problem(s) in 3 row(s) of 5" in err
 
 
 def test_missing_annotation_file(tmp_path, capsys):

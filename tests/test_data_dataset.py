@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -293,3 +294,38 @@ def test_wrong_definition_is_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(LandmarkDataset(tsv, tmp_path, TOY, train=False)) == 1
+
+
+# --------------------------------------------------------------------------- stored samples
+
+
+# Computed from the samples below before __getitem__ was streamlined: any change to how a
+# sample is drawn (random streams, order of draws, dtypes) changes it.  Pixels are compared
+# exactly; coordinates rounded, so that BLAS rounding on another CPU cannot change it.
+STORED_SAMPLES_SHA256 = "c995c6cf9f34abe4e3bd40f1131dbffc95d2ef01d8a1b4314b0e1db885b41350"
+
+
+def _samples_fingerprint(tmp: Path) -> str:
+    rng = np.random.default_rng(7)
+    anns = []
+    for i in range(3):
+        cv2.imwrite(str(tmp / f"{i}.png"), rng.integers(0, 256, (180, 200, 3), dtype=np.uint8))
+        anns.append(Annotation(f"{i}.png", rng.uniform(50, 130, (29, 2)).astype(np.float32), 0.6,
+                               (90.0 + i, 95.0)))
+    write_annotations(tmp / "stored.tsv", anns)
+    ds = LandmarkDataset(tmp / "stored.tsv", tmp, "COFW", train=True, seed=5, input_size=64,
+                         targets="none", image_dtype="uint8")
+    h = hashlib.sha256()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            s = ds[i]
+            h.update(s["image"].numpy().tobytes())
+            h.update(np.round(s["points"].numpy().astype(np.float64), 3).tobytes())
+            h.update(np.round(s["matrix"].numpy().astype(np.float64), 4).tobytes())
+            h.update(bytes([s["flipped"], s["index"]]))
+    return h.hexdigest()
+
+
+def test_samples_equal_the_stored_ones(tmp_path):
+    assert _samples_fingerprint(tmp_path) == STORED_SAMPLES_SHA256

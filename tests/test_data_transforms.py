@@ -144,3 +144,11 @@ def test_each_texture_step():
     assert not np.array_equal(gam, img) and np.all(gam[..., 1] == gam[0, 0, 1])
     noisy = apply_texture(img, np.random.default_rng(0), TextureAugment(**{**only, "noise": 1.0}))
     assert noisy.std() > 0 and np.abs(noisy.astype(int) - img).max() <= 128
+
+
+def test_texture_copies_only_to_occlude():
+    img = np.full((32, 32, 3), 90, np.uint8)
+    none = TextureAugment(0.0, 0.0, 0.0, 0.0, 0.0)
+    assert apply_texture(img, np.random.default_rng(0), none) is img  # nothing applied: no copy
+    occ = apply_texture(img, np.random.default_rng(0), TextureAugment(1.0, 0.0, 0.0, 0.0, 0.0))
+    assert (occ == 0).any() and np.all(img == 90)  # the occlusion works on a copy

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,11 @@ def read_annotations(
     skip_bad_rows: bool = False,
 ) -> AnnotationFile:
     """Read a metadata file.  Bad rows raise AnnotationError, or with ``skip_bad_rows`` are
-    collected in ``.skipped`` (the caller reports how many)."""
+    collected in ``.skipped`` (the caller reports how many).
+
+    Without ``num_points`` every row must have the same number of points; with
+    ``skip_bad_rows`` the rows whose count differs from the one most rows have are skipped.
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -227,13 +232,21 @@ def read_annotations(
             if not skip_bad_rows:
                 raise
             out.skipped.append(exc)
-    counts = {a.num_points for a in out.annotations}
+    counts = Counter(a.num_points for a in out.annotations)
     if num_points is None and len(counts) > 1:
-        first = out.annotations[0].num_points
-        odd = next(a for a in out.annotations if a.num_points != first)
-        raise AnnotationError(source, odd.line, "landmarks_target",
-                              f"{odd.num_points} points here but {first} on line "
-                              f"{out.annotations[0].line}")
+        if not skip_bad_rows:
+            first = out.annotations[0].num_points
+            odd = next(a for a in out.annotations if a.num_points != first)
+            raise AnnotationError(source, odd.line, "landmarks_target",
+                                  f"{odd.num_points} points here but {first} on line "
+                                  f"{out.annotations[0].line}")
+        majority, many = counts.most_common(1)[0]
+        out.skipped += [AnnotationError(source, a.line, "landmarks_target",
+                                        f"{a.num_points} points, but {many} of {len(out.annotations)} "
+                                        f"rows have {majority}")
+                        for a in out.annotations if a.num_points != majority]
+        out.skipped.sort(key=lambda e: e.line)
+        out.annotations = [a for a in out.annotations if a.num_points == majority]
     return out
 
 

@@ -20,54 +20,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Problem", "add_arguments", "check_dataset", "run"]
+from .annotations import AnnotationError, read_annotations, resolve_image_path
+
+__all__ = ["add_arguments", "check_dataset", "run"]
 
 # A crop (scale * 200 px) this many times smaller or larger than the landmarks' extent is wrong.
 CROP_RATIO_RANGE = (0.3, 5.0)
 # The landmarks' centre may be at most this fraction of the crop size from the crop centre.
 CENTRE_TOLERANCE = 0.5
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: where (file, 1-based line, field) and what."""
-
-    source: str
-    line: int
-    field: str
-    message: str
-    text: str = ""  # the full report line, when it comes from an existing error
-
-    def __str__(self) -> str:
-        if self.text:
-            return self.text
-        where = f"{self.source}:{self.line}" if self.line else self.source
-        return f"{where}: field '{self.field}': {self.message}" if self.field else f"{where}: {self.message}"
-
-
-def _landmark_count(path: Path) -> int | None:
-    """The number of points most rows have (to check counts when no definition is given)."""
-    counts: Counter[int] = Counter()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    for text in lines:
-        cols = text.split("\t")
-        if len(cols) >= 3 and cols[2].strip():
-            n = len([p for p in cols[2].split(",") if p.strip()])
-            if n % 2 == 0:
-                counts[n // 2] += 1
-    if not counts:
-        return None
-    return counts.most_common(1)[0][0]
 
 
 def _read_image_info(path: Path) -> tuple[tuple[int, int] | None, str, str]:
@@ -90,21 +55,20 @@ def check_dataset(
     margin: float = 0.25,
     check_images: bool = True,
     workers: int = 4,
-) -> tuple[list[Problem], int]:
-    """All problems of an annotation file (sorted by line) and the number of rows read."""
+) -> tuple[list[AnnotationError], int]:
+    """All problems of an annotation file (sorted by line), each naming the file, line and
+    field, and the number of rows read.  Without a definition, point counts are checked
+    against the count most rows have."""
     from ..definitions import get_definition
-    from .annotations import AnnotationError, read_annotations, resolve_image_path
 
     path = Path(annotation_file)
     source = str(path)
-    problems: list[Problem] = []
-    num_points = get_definition(definition).num_points if definition else _landmark_count(path)
+    num_points = get_definition(definition).num_points if definition else None
     try:
         file = read_annotations(path, num_points=num_points, skip_bad_rows=True)
     except AnnotationError as exc:  # the file itself cannot be read
-        return [Problem(exc.source, exc.line, exc.field, "", str(exc))], 0
-    for err in file.skipped:
-        problems.append(Problem(err.source, err.line, err.field, "", str(err)))
+        return [exc], 0
+    problems = list(file.skipped)
     rows = file.annotations
 
     # Crop parameters against the landmarks.
@@ -114,25 +78,25 @@ def check_dataset(
         extent = float(max(np.ptp(lm[:, 0]), np.ptp(lm[:, 1]), 1e-6))
         ratio = crop / extent
         if not CROP_RATIO_RANGE[0] <= ratio <= CROP_RATIO_RANGE[1]:
-            problems.append(Problem(source, a.line, "scale",
-                                    f"crop size {crop:.1f} px (scale {a.scale:g}) is {ratio:.2f}x the "
-                                    f"landmarks' extent {extent:.1f} px (expected "
-                                    f"{CROP_RATIO_RANGE[0]}..{CROP_RATIO_RANGE[1]}x)"))
+            problems.append(AnnotationError(source, a.line, "scale",
+                                            f"crop size {crop:.1f} px (scale {a.scale:g}) is {ratio:.2f}x the "
+                                            f"landmarks' extent {extent:.1f} px (expected "
+                                            f"{CROP_RATIO_RANGE[0]}..{CROP_RATIO_RANGE[1]}x)"))
         centre = (lm.min(0) + lm.max(0)) / 2.0
         off = float(np.hypot(*(centre - np.array(a.center))))
         if off > CENTRE_TOLERANCE * crop:
-            problems.append(Problem(source, a.line, "center_w",
-                                    f"crop centre ({a.center[0]:g}, {a.center[1]:g}) is {off:.1f} px from "
-                                    f"the landmarks' centre ({centre[0]:.1f}, {centre[1]:.1f}), more than "
-                                    f"{CENTRE_TOLERANCE:g} x the crop size"))
+            problems.append(AnnotationError(source, a.line, "center_w",
+                                            f"crop centre ({a.center[0]:g}, {a.center[1]:g}) is {off:.1f} px from "
+                                            f"the landmarks' centre ({centre[0]:.1f}, {centre[1]:.1f}), more than "
+                                            f"{CENTRE_TOLERANCE:g} x the crop size"))
 
     # Duplicate rows: same image and same landmarks.
     seen: dict[tuple[str, bytes], int] = {}
     for a in rows:
         key = (a.image_path, np.round(a.landmarks, 2).tobytes())
         if key in seen:
-            problems.append(Problem(source, a.line, "", f"duplicate of line {seen[key]} "
-                                    f"(same image {a.image_path} and landmarks)"))
+            problems.append(AnnotationError(source, a.line, "", f"duplicate of line {seen[key]} "
+                                            f"(same image {a.image_path} and landmarks)"))
         else:
             seen[key] = a.line
 
@@ -146,7 +110,7 @@ def check_dataset(
         for a in rows:
             size, digest, error = infos[a.image_path]
             if size is None:
-                problems.append(Problem(source, a.line, "image_path", f"{resolved[a.image_path]}: {error}"))
+                problems.append(AnnotationError(source, a.line, "image_path", f"{resolved[a.image_path]}: {error}"))
                 continue
             h, w = size
             far = margin * a.scale * 200.0
@@ -156,15 +120,15 @@ def check_dataset(
                 idx = np.nonzero(outside)[0]
                 shown = ", ".join(f"{i} ({lm[i, 0]:.1f}, {lm[i, 1]:.1f})" for i in idx[:5])
                 more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""
-                problems.append(Problem(source, a.line, "landmarks_target",
-                                        f"{len(idx)} point(s) more than {far:.1f} px outside the "
-                                        f"{w}x{h} image: {shown}{more}"))
+                problems.append(AnnotationError(source, a.line, "landmarks_target",
+                                                f"{len(idx)} point(s) more than {far:.1f} px outside the "
+                                                f"{w}x{h} image: {shown}{more}"))
             key = (digest, np.round(lm, 2).tobytes())
             if key in by_hash and by_hash[key][1] != a.image_path:
                 line, other = by_hash[key]
-                problems.append(Problem(source, a.line, "image_path",
-                                        f"{a.image_path} has the same content as {other} (line {line}) "
-                                        f"and the same landmarks: a duplicate face"))
+                problems.append(AnnotationError(source, a.line, "image_path",
+                                                f"{a.image_path} has the same content as {other} (line {line}) "
+                                                f"and the same landmarks: a duplicate face"))
             else:
                 by_hash.setdefault(key, (a.line, a.image_path))
     problems.sort(key=lambda p: (p.line, p.field))

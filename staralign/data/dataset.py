@@ -80,9 +80,11 @@ class DataWarning(UserWarning):
     """Something in the data was skipped or repaired; the message says what and where."""
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator behind sample ``index`` of ``epoch``: independent of worker layout."""
-    return np.random.default_rng([int(seed), int(epoch), int(index)])
+def sample_rng(seed: int, epoch: int, index: int, stream: int | None = None) -> np.random.Generator:
+    """The generator behind sample ``index`` of ``epoch``: independent of worker layout.
+    ``stream`` picks a further independent stream of the same sample (1: texture)."""
+    key = [int(seed), int(epoch), int(index)]
+    return np.random.default_rng(key if stream is None else [*key, int(stream)])
 
 
 def find_annotation_file(annot_dir: str | os.PathLike, definition_name: str, filename: str) -> Path:
@@ -185,19 +187,22 @@ class LandmarkDataset(Dataset):
     def image_path(self, index: int) -> Path:
         return resolve_image_path(self.items[index].image_path, self.image_dir)
 
-    def load_image(self, index: int) -> np.ndarray:
+    def load_image(self, index: int, path: Path | None = None) -> np.ndarray:
         a = self.items[index]
-        return read_image(self.image_path(index), a.source or self.source, a.line)
+        return read_image(self.image_path(index) if path is None else path, a.source or self.source, a.line)
 
-    def geometry_of(self, index: int, image_width: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-        """(image warp matrix, landmark matrix, flipped, augmented) of a sample.
+    def geometry_of(
+        self, index: int, image_width: int, epoch: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+        """(image warp matrix, landmark matrix, flipped, augmented) of a sample (of ``epoch``,
+        by default the current one).
 
         Split from :meth:`__getitem__` so tests and tools can see the geometry without
         decoding the image.
         """
         a = self.items[index]
         size = self.input_size
-        rng = sample_rng(self.seed, self.epoch, index)
+        rng = sample_rng(self.seed, self.epoch if epoch is None else epoch, index)
         if self.train and rng.random() < self.aug_prob:
             flipped = rng.random() < 0.5 and bool(self.definition.flip_pairs)
             cw, ch = a.center
@@ -216,24 +221,26 @@ class LandmarkDataset(Dataset):
         if index < 0:
             index += len(self)
         a = self.items[index]
-        image = self.load_image(index)
+        path = self.image_path(index)
+        image = self.load_image(index, path)
         size = self.input_size
-        image_m, point_m, flipped, augment = self.geometry_of(index, image.shape[1])
+        epoch = self.epoch  # shared memory: read once
+        image_m, point_m, flipped, augment = self.geometry_of(index, image.shape[1], epoch)
         landmarks = a.landmarks[self._perm] if flipped else a.landmarks
-        points = transform_points(landmarks.astype(np.float32), point_m.astype(np.float32))
+        point_m = point_m.astype(np.float32, copy=False)
+        points = transform_points(landmarks.astype(np.float32, copy=False), point_m).astype(np.float32, copy=False)
         crop = warp_image(image, image_m, size)
         if augment:
             # A second stream of the same sample: texture draws never shift the geometry's.
-            tex_rng = np.random.default_rng([self.seed, self.epoch, index, 1])
-            crop = apply_texture(crop, tex_rng, self.texture)
+            crop = apply_texture(crop, sample_rng(self.seed, epoch, index, 1), self.texture)
         sample: dict[str, Any] = {
             "image": image_to_tensor(crop, normalize=self.image_dtype == "float32"),
-            "landmarks": torch.from_numpy(normalize_points(points, size).astype(np.float32)),
-            "points": torch.from_numpy(points.astype(np.float32)),
-            "matrix": torch.from_numpy(point_m.astype(np.float32)),
+            "landmarks": torch.from_numpy(normalize_points(points, size).astype(np.float32, copy=False)),
+            "points": torch.from_numpy(points),
+            "matrix": torch.from_numpy(point_m),
             "tags": torch.tensor(a.tags, dtype=torch.int64),
             "index": index,
-            "image_path": str(self.image_path(index)),
+            "image_path": str(path),
             "flipped": flipped,
         }
         if self.targets == "worker":

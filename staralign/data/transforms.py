@@ -84,12 +84,10 @@ def compose_rotate_scale(
     ])
 
 
-def crop_matrix(
-    scale: float, center_w: float, center_h: float, size: int = 256, face_scale: float = 1.0
-) -> np.ndarray:
+def crop_matrix(scale: float, center_w: float, center_h: float, size: int = 256) -> np.ndarray:
     """(3, 3) float32 map from image pixels to the crop: the face box to the crop's middle."""
     half = (size - 1) / 2.0
-    zoom = size / (scale * face_scale * FACE_SIZE)
+    zoom = size / (scale * FACE_SIZE)
     return compose_rotate_scale(0.0, zoom, (0.0, 0.0), (center_w, center_h), (half, half)).astype(
         np.float32)
 
@@ -239,9 +237,10 @@ def _gamma_table(gamma: float) -> np.ndarray:
 def apply_texture(
     image: np.ndarray, rng: np.random.Generator, config: TextureAugment = TextureAugment()
 ) -> np.ndarray:
-    """The original's texture augmentation of an 8-bit crop (returns a new array)."""
-    image = image.copy()
+    """The original's texture augmentation of an 8-bit crop.  ``image`` is never modified;
+    the result is a new array, or ``image`` itself when no step applied."""
     if rng.random() < config.occlusion:
+        image = image.copy()  # the only step working in place
         _occlude(image, rng)
     if rng.random() < config.blur:
         k = int((image.shape[0] + image.shape[1]) / 2 * 0.05 * rng.random())
