@@ -209,6 +209,62 @@ def test_format_68_from_a_98_point_model(tiny_path, face):
         det.convert(native, "COFW")
 
 
+class LayoutBackend:
+    """No network: only what the detector needs to answer which layouts a model gives."""
+
+    name, input_size, has_ambiguity = "stub", 64, False
+
+    def __init__(self, definition: str, conversions: dict | None = None):
+        self.definition, self.conversions = get_definition(definition), conversions or {}
+
+
+def test_formats_lists_what_detect_accepts():
+    wflw = LandmarkDetector(LayoutBackend("WFLW"), detector=None)
+    formats = wflw.formats()
+    assert list(formats) == ["native", "68", "98", "WFLW", "300W"]
+    assert {k: v.name for k, v in formats.items()} == {"native": "WFLW", "68": "300W", "98": "WFLW",
+                                                       "WFLW": "WFLW", "300W": "300W"}
+    assert formats["68"] is get_definition("300W") and wflw.layout() is wflw.definition
+    assert [d.name for d in map(wflw.layout, ("native", "98", "68", "300w"))] == ["WFLW", "WFLW", "300W", "300W"]
+    for fmt in ("29", "COFW", "300VW"):
+        with pytest.raises(ValueError):
+            wflw.layout(fmt)
+    # No conversions from 300W: its own name, alias and "native" only.
+    assert {k: v.name for k, v in LandmarkDetector(LayoutBackend("300W"), detector=None).formats().items()} == \
+        {"native": "300W", "68": "300W", "300W": "300W"}
+    # A conversion stored in the model file (as ONNX files carry them) counts too.
+    stored = LandmarkDetector(LayoutBackend("300W", {"WFLW": np.zeros((98, 68))}), detector=None)
+    assert list(stored.formats()) == ["native", "68", "98", "300W", "WFLW"]
+    # The detector's default format is its layout(); "native" is still the model's.
+    as68 = LandmarkDetector(LayoutBackend("WFLW"), detector=None, format="68")
+    assert as68.layout().name == "300W" and as68.layout("native").name == "WFLW"
+    assert as68.formats()["native"].name == "WFLW"
+
+
+def test_a_registered_conversion_becomes_a_format():
+    from staralign.data.landmark_formats import CONVERSIONS, register_conversion
+
+    det = LandmarkDetector(LayoutBackend("WFLW"), detector=None)
+    assert "COFW" not in det.formats()
+    register_conversion("WFLW", "COFW", 98, [[(i, 1.0)] for i in range(29)])
+    register_conversion("WFLW", "NOSUCHLAYOUT", 98, [[(0, 1.0)]])  # no definition: not offered
+    try:
+        formats = det.formats()
+        assert formats["29"].name == formats["COFW"].name == "COFW" and "NOSUCHLAYOUT" not in formats
+        assert list(formats) == ["native", "68", "98", "29", "WFLW", "300W", "COFW"]
+    finally:
+        CONVERSIONS.pop(("WFLW", "COFW"))
+        CONVERSIONS.pop(("WFLW", "NOSUCHLAYOUT"))
+
+
+def test_native_means_the_models_layout_for_any_default_format(tiny_path, face):
+    image, _, info = face
+    det = LandmarkDetector.from_checkpoint(tiny_path, device="cpu", detector="none", format="68")
+    assert det.detect(image, box=info["face_box"])[0].layout == "300W"
+    native = det.detect(image, box=info["face_box"], format="native")[0]
+    assert native.layout == "WFLW" and native.landmarks.shape == (98, 2)
+
+
 def test_format_68_converts_before_building_the_ambiguity(tiny_path, face, monkeypatch):
     """The same numbers as converting afterwards, with one eigen-decomposition per face."""
     image, _, info = face
@@ -273,6 +329,60 @@ def test_absurd_image_is_refused_naming_the_file(tmp_path, size):
         load_image(path)
     with pytest.raises(ImageReadError, match="too large"):
         as_bgr(np.zeros((1, 20001), np.uint8))
+
+
+def _tiff_header(width: int, height: int) -> bytes:
+    """An uncompressed grey TIFF whose header claims width x height (a type only Pillow sizes)."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+            (278, 4, height), (279, 4, width * height)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def test_files_are_read_once_and_sized_from_the_header(tmp_path, face, monkeypatch):
+    from PIL import Image
+
+    image = face[0][:40, :60]
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    cv2.imwrite(str(tmp_path / "a.jpg"), image)
+    reads, real_fromfile = [], np.fromfile
+    monkeypatch.setattr(np, "fromfile", lambda *a, **k: reads.append(a[0]) or real_fromfile(*a, **k))
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("Pillow opened a PNG or JPEG"))
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png"), image)
+    assert load_image(tmp_path / "a.jpg").shape == (40, 60, 3)
+    assert len(reads) == 2  # one read per file: the header check and the decoder share the bytes
+    # Types the header reader does not know: Pillow reads their header.
+    monkeypatch.setattr(Image, "open", real_open)
+    Image.fromarray(image[:, :, ::-1]).save(tmp_path / "a.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "a.tif"), image)
+
+
+@pytest.mark.parametrize("size", [(25000, 10), (30000, 30000)])
+def test_tiff_bombs_are_refused_before_decoding(tmp_path, size, monkeypatch):
+    (tmp_path / "bomb.tif").write_bytes(_tiff_header(*size))
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("decoded an oversize image"))
+    with pytest.raises(ImageReadError, match=r"bomb\.tif.*too large.*100 megapixels, 20000 pixels a side"):
+        load_image(tmp_path / "bomb.tif")
+
+
+def test_corrupt_header_of_a_known_type_is_named(tmp_path):
+    (tmp_path / "cut.png").write_bytes(_png_header(64, 64)[:20])
+    with pytest.raises(ImageReadError, match=r"cut\.png.*truncated PNG header"):
+        load_image(tmp_path / "cut.png")
+
+
+def test_one_size_check_with_its_limits():
+    from staralign.data.images import check_size, header_size
+
+    check_size(20000, 5000)
+    with pytest.raises(ImageReadError, match=r"x\.png.*9x9 pixels.*limits: 8e-05 megapixels, 9 pixels a side"):
+        check_size(9, 9, "x.png", max_pixels=80, max_side=9)
+    with pytest.raises(ImageReadError, match="10x1 pixels"):
+        check_size(10, 1, max_side=9)
+    data = _png_header(70, 30)
+    assert header_size(data) == header_size(np.frombuffer(data, np.uint8)) == header_size(memoryview(data)) == (70, 30)
+    assert header_size(_tiff_header(5, 5)) is None
 
 
 def test_missing_and_broken_files_are_named(tmp_path):

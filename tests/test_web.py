@@ -145,6 +145,27 @@ def test_answer_is_what_staralign_predict_writes(client, weights, tmp_path, caps
     capsys.readouterr()
 
 
+def test_predict_and_serve_write_the_same_header(detector, weights, tmp_path, capsys):
+    """One report_header builds both: the same keys, in the same order, with the same values."""
+    from staralign.inference.report import report_header
+
+    header = list(report_header(detector, str(weights)))
+    assert header == ["staralign", "weights", "backend", "detector", "layout", "num_points", "coordinates"]
+    data, _ = face_png(9, 160)
+    (tmp_path / "face.png").write_bytes(data)
+    with TestClient(create_app(detector, weights_name=str(weights))) as c:
+        for options, flags in (({}, []), ({"format": "68", "box": "20,30,140,150"},
+                                          ["--format", "68", "--box", "20,30,140,150"])):
+            out = tmp_path / "predict.json"
+            assert main(["predict", str(tmp_path / "face.png"), "--weights", str(weights), "--detector", "none",
+                         "--device", "cpu", "--json", str(out), *flags]) == 0
+            cli, web = json.loads(out.read_text()), post_file(c, data, **options).json()
+            assert list(cli) == [*header, "inputs", "errors"] and list(web) == [*header, "inputs", "errors", "timing"]
+            assert {k: cli[k] for k in header} == {k: web[k] for k in header}, options
+    assert web["layout"] == "300W" and web["num_points"] == 68 and web["detector"] == "box"
+    capsys.readouterr()
+
+
 def test_raw_body_gives_the_same_as_multipart(client):
     data, _ = face_png(3)
     jpeg = encode(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), ".jpg")

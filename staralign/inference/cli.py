@@ -103,11 +103,9 @@ class _Outputs:
 
 class _Predictor:
     def __init__(self, args: argparse.Namespace, det: Any, boxes: list | None) -> None:
-        from ..definitions import get_definition
-
         self.args, self.det, self.boxes = args, det, boxes
         self.ambiguity = bool(args.ambiguity or args.draw_ambiguity)
-        self.layout = get_definition(det.format) if det.format != det.definition.name else det.definition
+        self.layout = det.layout()  # the definition of the faces det.detect gives (det.format)
         self.outputs = _Outputs(Path(args.out_dir) if args.out_dir else None)
 
     def draw(self, image: Any, faces: list) -> Any:
@@ -236,22 +234,22 @@ def run_predict(args: argparse.Namespace) -> int:
     from .detector import LandmarkDetector
     from .faces import FaceDetectorError
     from .inputs import collect_inputs
+    from .report import report_header
 
     boxes = [_parse_box(b) for b in args.box] if args.box else None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     items, missing = collect_inputs(args.inputs)
     errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
-    detector = None
     try:
         det = LandmarkDetector.from_checkpoint(
             args.weights, device=args.device, detector=args.detector, allow_pickle=args.allow_pickle,
             ema=args.ema, format=args.format, batch_size=args.batch_size)
-        if boxes is None:
-            detector = det.face_detector  # fail here, once, if it is unavailable
+        # The header now: fails here, once, if the face detector is unavailable.
+        header = report_header(det, str(args.weights), box=boxes is not None)
+        predictor = _Predictor(args, det, boxes)
     except (ValueError, FaceDetectorError, OSError) as exc:
         raise UserError(str(exc)) from exc
-    predictor = _Predictor(args, det, boxes)
     records: list[dict] = []
     images = [i for i in items if i.kind == "image"]
     videos = [i for i in items if i.kind == "video"]
@@ -264,17 +262,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     order = {str(i.path): k for k, i in enumerate(items)}
     records.sort(key=lambda r: order.get(r["path"], 0))
-    report = {
-        "staralign": _version(),
-        "weights": str(args.weights),
-        "backend": det.backend.name,
-        "detector": "box" if boxes is not None else getattr(detector, "name", type(detector).__name__),
-        "layout": predictor.layout.name,
-        "num_points": predictor.layout.num_points,
-        "coordinates": "pixels of the original image, (x, y), pixel centres at integers",
-        "inputs": records,
-        "errors": errors,
-    }
+    report = {**header, "inputs": records, "errors": errors}
     if args.json == "-":
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
@@ -288,12 +276,6 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"staralign predict: {len(records)} input(s), {n_faces} face(s)"
           + (f", {len(errors)} skipped" if errors else ""), file=sys.stderr)
     return 1 if errors else 0
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- export

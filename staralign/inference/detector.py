@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..definitions import LandmarkDefinition
+from ..definitions import LandmarkDefinition, get_definition
 from . import geometry
 from .faces import FaceDetector, FixedBoxes, framing_of, get_face_detector
 from .inputs import as_bgr
@@ -250,7 +250,7 @@ class LandmarkDetector:
                 scale, center = geometry.box_to_crop(crop_box)
                 jobs.append((i, tuple(float(v) for v in found), score,
                              geometry.crop_matrix(scale, center, size), scale, center))
-        target = _canonical_format(format, self.format) if format is not None else self.format
+        target = self.format if format is None else _canonical_format(format, self.definition.name)
         m = self._conversion(target) if target != self.definition.name else None
         results: list[list[Face]] = [[] for _ in images]
         for start in range(0, len(jobs), self.batch_size):
@@ -269,6 +269,40 @@ class LandmarkDetector:
         return results
 
     # ------------------------------------------------------------------ layouts
+
+    def layout(self, format: str | None = None) -> LandmarkDefinition:
+        """The landmark definition of the faces :meth:`detect` returns for ``format`` (None: this
+        detector's own ``format``; ``"native"``: the model's).
+
+        Raises ValueError if the model cannot give that layout or it has no known definition.
+        """
+        target = self.format if format is None else _canonical_format(format, self.definition.name)
+        if target == self.definition.name:
+            return self.definition
+        self._conversion(target)  # ValueError if this model cannot give it
+        return get_definition(target)  # DefinitionError (a ValueError) for a layout without a definition
+
+    def formats(self) -> dict[str, LandmarkDefinition]:
+        """Every value of ``format`` this model accepts, with the layout each gives.
+
+        ``"native"``, the model's own layout, each layout it converts to (stored in the
+        model file, or registered in ``staralign.data.landmark_formats`` when that can be
+        imported) and the :data:`FORMAT_ALIASES` of these; in that order, aliases before names.
+        """
+        targets = list(self.backend.conversions)
+        try:
+            from ..data.landmark_formats import CONVERSIONS
+        except ImportError:  # the data package needs torch; ONNX files carry their own conversions
+            pass
+        else:
+            targets += [dst for src, dst in CONVERSIONS if src == self.definition.name.upper()]
+        out: dict[str, LandmarkDefinition] = {}
+        for fmt in dict.fromkeys(["native", *FORMAT_ALIASES, self.definition.name, *targets]):
+            try:
+                out[fmt] = self.layout(fmt)
+            except ValueError:  # no conversion, or no definition to describe the result
+                continue
+        return out
 
     def _conversion(self, target: str) -> np.ndarray:
         src = self.definition.name.upper()

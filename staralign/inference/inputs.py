@@ -1,13 +1,15 @@
 """What users feed in: image files, arrays, PIL images, folders and videos, as 8-bit BGR.
 
-Files are decoded by ``staralign.data.images`` (OpenCV ``IMREAD_COLOR``: EXIF
-orientation applied; grey, alpha and 16-bit converted), after a size check
-that reads only the header where Pillow is installed, so a decompression bomb
-is refused before it is decoded.
+Files are read once and decoded by ``staralign.data.images`` (OpenCV
+``IMREAD_COLOR``: EXIF orientation applied; grey, alpha and 16-bit converted),
+after a size check from the header (JPEG, PNG, BMP and WebP in pure Python; other
+types through Pillow where it is installed), so a decompression bomb is refused
+before it is decoded.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from ..data.images import ImageReadError, read_image, to_bgr8
+from ..data.images import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    HeaderError,
+    ImageReadError,
+    check_size,
+    decode_image,
+    header_size,
+    read_image_bytes,
+    to_bgr8,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,51 +43,52 @@ __all__ = [
     "load_image",
 ]
 
-MAX_PIXELS = 100_000_000  # refuse anything larger: a typo or a bomb, not a face photo
-MAX_SIDE = 20_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2",
                               ".pgm", ".ppm", ".pbm", ".pnm", ".sr", ".ras", ".exr", ".hdr", ".pic"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg",
                               ".wmv", ".flv", ".3gp", ".ogv"})
 
 
-def check_size(width: int, height: int, name: str | os.PathLike = "<array>") -> None:
-    """Raise :class:`ImageReadError` naming ``name`` if the image is absurdly large."""
-    if width > MAX_SIDE or height > MAX_SIDE or width * height > MAX_PIXELS:
-        raise ImageReadError(
-            name, f"{width}x{height} pixels is too large to process (limits: {MAX_PIXELS // 1_000_000} "
-                  f"megapixels, {MAX_SIDE} pixels a side); resize it first")
+def _pillow_size(data: np.ndarray, path: Path) -> tuple[int, int] | None:
+    """(width, height) via Pillow's header parsing, for types :func:`header_size` does not read;
+    None without Pillow or for a file Pillow does not know (OpenCV may still read it).
 
-
-def _header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the file header via Pillow, without decoding; None if unknown."""
+    Pillow's global bomb limit is left alone: past it, Pillow refuses to say the size, so the
+    file is refused here, as over that limit.
+    """
     try:
         from PIL import Image
     except ImportError:
         return None
-    import warnings
-
-    limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check raises without the size: we decide
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                return int(im.size[0]), int(im.size[1])
-    except Exception:  # not an image Pillow knows: OpenCV may still read it
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageReadError(
+            path, f"more than {limit / 1e6:g} megapixels (Pillow's decompression-bomb limit) is too large to "
+                  f"process (limits: {MAX_PIXELS / 1e6:g} megapixels, {MAX_SIDE} pixels a side); "
+                  "resize it first") from None
+    except Exception:  # not an image Pillow knows
         return None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """HxWx3 uint8 BGR of an image file; :class:`ImageReadError` (naming the file) if unusable."""
+    """HxWx3 uint8 BGR of an image file; :class:`ImageReadError` (naming the file) if unusable.
+
+    The file is read once; its size comes from the header and is checked before decoding.
+    """
     p = Path(path)
-    if p.is_file():
-        size = _header_size(p)
-        if size is not None:
-            check_size(*size, name=p)
-    image = read_image(p)
+    data = read_image_bytes(p)
+    try:
+        size = header_size(data)
+    except HeaderError as exc:
+        raise ImageReadError(p, f"not a readable image: {exc}") from None
+    if size is None:
+        size = _pillow_size(data, p)
+    if size is not None:
+        check_size(*size, name=p)
+    image = decode_image(data, p)
     check_size(image.shape[1], image.shape[0], name=p)
     return image
 

@@ -11,7 +11,8 @@ Design choices, each for a reason:
   the size limit holds while reading.  The type comes from the magic bytes and
   the size from the header (:mod:`.images`) before the decoder sees the file.
 * The answer is exactly the JSON ``staralign predict --json`` writes for one
-  image, plus ``timing``; errors are ``{"error": code, "message": text}``.
+  image (the same header, from :func:`~staralign.inference.report.report_header`),
+  plus ``timing``; errors are ``{"error": code, "message": text}``.
 * The page is plain HTML, JavaScript and CSS from the package, with a
   Content-Security-Policy that forbids any other origin, so it works offline and
   a stray CDN link would fail the browser test rather than phone home.
@@ -49,9 +50,6 @@ __all__ = ["STATIC_DIR", "Limits", "LandmarkService", "create_app"]
 log = logging.getLogger("staralign.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-COORDINATES = "pixels of the original image, (x, y), pixel centres at integers"  # as staralign predict
-# Layout names a request may ask for; each is offered only if the model converts to it.
-FORMAT_CANDIDATES = ("native", "68", "98", "29", "WFLW", "300W", "COFW", "300VW")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
        "media-src 'self' blob: mediastream:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
        "frame-ancestors 'none'")
@@ -181,23 +179,14 @@ class LandmarkService:
     """One detector shared by all requests: validates, decodes and runs images one model call at a time."""
 
     def __init__(self, detector: LandmarkDetector, weights_name: str, limits: Limits, decode_slots: int = 2) -> None:
-        from ..definitions import get_definition
-        from ..inference.detector import LandmarkDetector
+        from ..inference.report import face_detector_name
 
         self.detector, self.weights_name, self.limits = detector, weights_name, limits
         self.lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(max(1, decode_slots))
-        native = detector.definition
-        self.layouts: dict[str, Any] = {}
-        for fmt in FORMAT_CANDIDATES:
-            try:
-                name = LandmarkDetector(detector.backend, detector=None, format=fmt).format
-                self.layouts[fmt] = native if name == native.name else get_definition(name)
-            except ValueError:  # no conversion from this model's layout
-                continue
+        self.layouts = detector.formats()  # the values ?format= accepts, and the layout of each
         # Created now, not on the first request: an unavailable detector fails at start-up.
-        face_detector = detector.face_detector
-        self.detector_name = str(getattr(face_detector, "name", type(face_detector).__name__))
+        self.detector_name = face_detector_name(detector)
 
     def info(self) -> dict[str, Any]:
         from .. import __version__
@@ -222,7 +211,7 @@ class LandmarkService:
     def check(self, data: bytes) -> tuple[str, int, int]:
         """Type by magic bytes (415), size from the header (400 if corrupt, 413 if too large)."""
         kind = sniff_type(data)
-        if kind is None:
+        if kind is None or kind not in ACCEPTED_TYPES:  # the header reader knows more than the page draws
             what = describe_unsupported(data)
             raise ApiError(415, "unsupported_image_type",
                            f"{'this file' if what == 'unknown' else 'a ' + what + ' file'} is not accepted; "
@@ -231,16 +220,18 @@ class LandmarkService:
             width, height = image_size(data, kind)
         except HeaderError as exc:
             raise ApiError(400, "corrupt_image", f"not a readable image: {exc}") from None
-        self._check_dimensions(width, height)
+        self._check_size(width, height)
         return kind, width, height
 
-    def _check_dimensions(self, width: int, height: int) -> None:
-        lim = self.limits
-        if width > lim.max_side or height > lim.max_side or width * height > lim.max_pixels:
+    def _check_size(self, width: int, height: int) -> None:
+        """413 over the limits: the check ``staralign predict`` makes, with the server's limits."""
+        from ..data.images import ImageReadError, check_size
+
+        try:
+            check_size(width, height, "upload", max_pixels=self.limits.max_pixels, max_side=self.limits.max_side)
+        except ImageReadError as exc:
             raise ApiError(413, "image_too_large",
-                           f"the image is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); the "
-                           f"limits are {lim.max_pixels / 1e6:g} megapixels and {lim.max_side} pixels a side "
-                           "(staralign serve --max-megapixels); resize it first")
+                           f"{exc.reason} (limit set by staralign serve --max-megapixels)") from None
 
     def decode(self, data: bytes) -> np.ndarray:
         """HxWx3 uint8 BGR, read like ``staralign predict`` reads files (EXIF orientation applied)."""
@@ -253,15 +244,14 @@ class LandmarkService:
             except ImageReadError:
                 raise ApiError(400, "corrupt_image", "not a readable image: the decoder could not read it "
                                                      "(truncated or corrupt file?)") from None
-        self._check_dimensions(image.shape[1], image.shape[0])
+        self._check_size(image.shape[1], image.shape[0])
         return image
 
     def predict(self, image: np.ndarray, name: str, ambiguity: bool, fmt: str,
                 box: tuple[float, float, float, float] | None) -> tuple[dict[str, Any], float, float]:
         """The ``staralign predict`` report for one image; returns (report, wait s, inference s)."""
-        from .. import __version__
+        from ..inference.report import report_header
 
-        layout = self.layouts[fmt]
         t0 = time.perf_counter()
         with self.lock:
             t1 = time.perf_counter()
@@ -269,17 +259,8 @@ class LandmarkService:
             t2 = time.perf_counter()
         record = {"path": name, "type": "image", "width": int(image.shape[1]), "height": int(image.shape[0]),
                   "faces": [f.to_dict(ambiguity=ambiguity) for f in faces]}
-        report = {
-            "staralign": __version__,
-            "weights": self.weights_name,
-            "backend": self.detector.backend.name,
-            "detector": "box" if box is not None else self.detector_name,
-            "layout": layout.name,
-            "num_points": layout.num_points,
-            "coordinates": COORDINATES,
-            "inputs": [record],
-            "errors": [],
-        }
+        report = {**report_header(self.detector, self.weights_name, box=box is not None, format=fmt),
+                  "inputs": [record], "errors": []}
         return report, t1 - t0, t2 - t1
 
 
