@@ -69,12 +69,14 @@ class _SaturatingUpcast(torch.autograd.Function):
         return grad.clamp(-limit, limit).to(ctx.in_dtype)
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`upcast_half` gives a tensor of ``dtype``: fp32 for half precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def upcast_half(t: Tensor) -> Tensor:
     """Half-precision tensors to fp32 for reductions over thousands of pixels; others unchanged."""
-    return _SaturatingUpcast.apply(t) if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-_working_dtype = upcast_half
+    return _SaturatingUpcast.apply(t) if working_dtype(t.dtype) != t.dtype else t
 
 
 def soft_argmax(heatmaps: Tensor) -> Tensor:
@@ -84,7 +86,7 @@ def soft_argmax(heatmaps: Tensor) -> Tensor:
     returned in float32 for half-precision maps (coordinates rounded to bf16 would be off by
     ~0.1 px at 256 px), else in the maps' dtype.
     """
-    h = _working_dtype(heatmaps)
+    h = upcast_half(heatmaps)
     height, width = h.shape[-2:]
     xs, ys = coordinate_axes(height, width, h.device, h.dtype)
     mass = h.sum(dim=(-2, -1)).clamp(min=SUM_FLOOR)
@@ -133,7 +135,7 @@ def heatmap_moments(heatmaps: Tensor, eps: float = COV_EPSILON) -> HeatmapMoment
     ``V2 = sum p^2 + eps``.  Computed from the row and column marginals plus one
     matrix-vector product per map, instead of materialising (v - m) for every pixel.
     """
-    h = _working_dtype(heatmaps)
+    h = upcast_half(heatmaps)
     height, width = h.shape[-2:]
     xs, ys = coordinate_axes(height, width, h.device, h.dtype)
     # The division by the mass is applied to the small reductions rather than to the

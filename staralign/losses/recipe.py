@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig
-from ..heatmaps import soft_argmax, upcast_half
+from ..heatmaps import soft_argmax, working_dtype
 from .coord import L1Loss, L2Loss, SmoothL1Loss, WingLoss
 from .heatmap import AWingLoss
 from .star import STARLoss
@@ -89,7 +89,7 @@ class RecipeLoss(nn.Module):
         total = heatmaps[0].new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
         if has_maps:  # every stack is scored against the same target maps
-            dtype = upcast_half(output.pointmaps[0]).dtype
+            dtype = working_dtype(output.pointmaps[0].dtype)
             point_terms = self.map_loss.target_terms(pointmaps, dtype)
             edge_terms = self.map_loss.target_terms(edgemaps, dtype)
         for i, w in enumerate(stack_weights(nstack)):
