@@ -539,6 +539,8 @@ def _train_args(p) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="the step captured as one CUDA graph, as the "
+                   "trainer's --cuda-graphs runs it")
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -581,6 +583,7 @@ def bench_train(args) -> dict:
     from .data.transforms import normalize_points
     from .definitions import get_definition
     from .engine.ema import ModelEMA, default_decay
+    from .engine.graphed import GraphedTrainStep
     from .engine.trainer import build_optimizer, train_step
     from .losses.recipe import RecipeLoss
     from .models import build_model
@@ -597,7 +600,7 @@ def bench_train(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     criterion = RecipeLoss(LossConfig())
     optim = OptimConfig()  # the paper recipe's Adam and gradient clipping setting
-    optimizer = build_optimizer(model, optim)
+    optimizer = build_optimizer(model, optim, graphable=args.cuda_graphs)
     decay = default_decay(args.batch_size)
     if args.original_style:
 
@@ -636,8 +639,19 @@ def bench_train(args) -> dict:
                      strict=True))
     batch = {"points": points} if args.targets == "device" else fixed
 
+    graphed = None
+    if args.cuda_graphs:
+        if args.original_style or device.type != "cuda":
+            raise SystemExit("--cuda-graphs needs --device cuda and does not go with --original-style")
+        graphed = GraphedTrainStep(net, model, criterion, optimizer, ema, images, landmarks, fixed["pointmaps"],
+                                   fixed["edgemaps"], amp=args.amp, grad_clip=optim.grad_clip,
+                                   channels_last=args.channels_last)
+
     def step() -> None:
         pm, em = batch_targets(batch, definition, size, hsize, device)
+        if graphed is not None:
+            graphed(images, landmarks, pm, em)
+            return
         # The original runs with anomaly detection on, forward and backward.
         with torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext():
             train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks, pm, em,
@@ -651,7 +665,7 @@ def bench_train(args) -> dict:
         "model": {"nstack": args.nstack, "nlevels": args.nlevels, "channels": args.channels,
                   "input_size": size, "definition": definition.name},
         "options": {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
-                    "targets": args.targets,
+                    "cuda_graphs": args.cuda_graphs, "targets": args.targets,
                     "cudnn_benchmark": args.cudnn_benchmark, "original_style": args.original_style},
     }
     result.update(device_info(device))

@@ -172,6 +172,7 @@ class RuntimeConfig:
     amp: str = "none"  # none | bf16 | fp16 (autocast on CUDA; changes numerics, so off by default)
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False  # the whole training step as one CUDA graph (one process, amp none/bf16)
     cudnn_benchmark: bool = False
     detect_anomaly: bool = False  # the original leaves it on; it costs ~38% of a step
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes
@@ -187,6 +188,9 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.amp: must be none, bf16 or fp16, got {self.amp!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"runtime.on_nonfinite: must be stop or skip, got {self.on_nonfinite!r}")
+        if self.cuda_graphs and self.amp == "fp16":
+            raise ConfigError("runtime.cuda_graphs: works with amp none or bf16, not fp16 "
+                              "(fp16's loss scaler decides on the host)")
 
 
 @dataclass
@@ -205,6 +209,8 @@ class TrainConfig:
         self.loss.validate()
         self.optim.validate()
         self.runtime.validate()
+        if self.runtime.cuda_graphs and self.optim.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"runtime.cuda_graphs: needs optim.optimizer adam or adamw, not {self.optim.optimizer!r}")
 
 
 PRESETS = ("paper", "tiny")

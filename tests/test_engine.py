@@ -363,3 +363,24 @@ def test_resume_refuses_settings_it_would_ignore(synth_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status != 0
     assert "--epochs" in err and "--lr" in err and "config.yaml" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_training_follows_eager_training_and_resumes(synth_data, tmp_path):
+    results = {}
+    for graphs in (False, True):
+        cfg = tiny_config(synth_data, optim={"epochs": 2},
+                          runtime={"device": "cuda", "cuda_graphs": graphs, "tensorboard": False})
+        results[graphs] = train(cfg, tmp_path / f"graphs_{graphs}")
+    losses = {k: [h["train_loss"] for h in r.history] for k, r in results.items()}
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)
+    assert losses[True][-1] < losses[True][0]
+    # Resumed, the step is captured again after the saved state is loaded, and goes on.
+    run = tmp_path / "graphs_True"
+    from staralign.config import load_yaml
+
+    cfg3 = merge(load_yaml(TrainConfig, run / "config.yaml"), {"optim": {"epochs": 3}})
+    save_yaml(cfg3, run / "config.yaml")
+    more = train(cfg3, run, resume=True)
+    assert more.epochs_done == 3 and math.isfinite(more.history[-1]["train_loss"])
+    assert (run / "train.log").read_text().count("captured as a CUDA graph") == 2

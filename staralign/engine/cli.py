@@ -59,6 +59,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=AMP_MODES)
     g.add_argument("--channels-last", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None)
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="capture the whole training step as one CUDA graph (one GPU, amp none or bf16)")
     g.add_argument("--cudnn-benchmark", action="store_true", default=None)
     g.add_argument("--detect-anomaly", action="store_true", default=None)
     g.add_argument("--sync-bn", action="store_true", default=None)
@@ -92,7 +94,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         put("loss", "kind", "none" if args.loss == "awing" else args.loss)
     put("loss", "star_w", args.star_w)
     put("loss", "star_dist", args.star_dist)
-    for k in ("device", "seed", "amp", "channels_last", "compile", "cudnn_benchmark", "detect_anomaly",
+    for k in ("device", "seed", "amp", "channels_last", "compile", "cuda_graphs", "cudnn_benchmark", "detect_anomaly",
               "sync_bn", "save_every_steps", "time_budget_minutes"):
         put("runtime", k, getattr(args, k))
     if args.skip_nonfinite:
@@ -142,8 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError(f"--resume continues {run_dir} with its saved config.yaml; remove "
                             f"{', '.join(given)} (to change a setting such as the epochs, edit that "
                             "file; or start a new run with --out)")
-        config = load_yaml(TrainConfig, run_dir / "config.yaml")
-        result = train(config, run_dir, resume=True)
+        config, out, resume = load_yaml(TrainConfig, run_dir / "config.yaml"), run_dir, True
     else:
         if not args.out:
             raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -153,7 +154,11 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from exc
         if not config.data.annot_dir:
             raise UserError("--annot-dir is required")
-        result = train(config, args.out)
+        out, resume = args.out, False
+    try:
+        result = train(config, out, resume=resume)
+    except ConfigError as exc:  # settings that only the chosen device or launch rules out
+        raise UserError(str(exc)) from exc
     print(f"best NME {result.best_nme:.5f} at epoch {result.best_epoch} ({result.best_source}); "
           f"run directory {result.run_dir}")
     return 0

@@ -3,7 +3,8 @@
 ``ema = decay * ema + (1 - decay) * model`` after every optimiser step, as the
 original does, but with one fused ``foreach`` lerp over all tensors instead of a
 Python loop per parameter (which costs the original ~65 ms a step on an H200).
-Integer buffers (BatchNorm's ``num_batches_tracked``) are copied.
+Integer buffers (BatchNorm's ``num_batches_tracked``) are copied.  Inside a CUDA
+graph the update takes a device-side ``skip`` flag instead of a host decision.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class ModelEMA:
         self._source: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Average ``model`` in.  ``skip`` (a 0-d float tensor, 1 = keep the average as it
+        is) makes the decision on the device, with no host sync, for a captured step."""
         src = unwrap(model)
         # The model's tensors are updated in place by the optimiser, so their lists are
         # gathered once per source model, not on every step (~1,450 tensors in the paper net).
@@ -43,9 +46,19 @@ class ModelEMA:
                 raise RuntimeError("EMA and model have different structures")
             self._source = (id(src), [t.detach() for t in floats], others)
         _, floats, others = self._source
-        torch._foreach_lerp_(self._float, floats, 1.0 - self.decay)
-        if others:
-            torch._foreach_copy_(self._other, others)
+        if skip is None:
+            torch._foreach_lerp_(self._float, floats, 1.0 - self.decay)
+            if others:
+                torch._foreach_copy_(self._other, others)
+            return
+        # ema + w * (model - ema) with w = (1 - decay) * (1 - skip): the lerp above, or no change.
+        weight = (1.0 - skip.float()) * (1.0 - self.decay)
+        delta = torch._foreach_sub(floats, self._float)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(self._float, delta)
+        keep = skip.bool()
+        for mine, theirs in zip(self._other, others, strict=True):
+            mine.copy_(torch.where(keep, mine, theirs))
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

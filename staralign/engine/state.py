@@ -36,9 +36,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # Generators take their state as CPU byte tensors; a state loaded with
+    # ``map_location="cuda"`` (as a GPU run resumes) arrives on the GPU.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig, save_yaml, to_dict
+from ..config import ConfigError, TrainConfig, save_yaml, to_dict
 from ..definitions import LandmarkDefinition, get_definition
 from ..losses.recipe import RecipeLoss
 from ..models.checkpoint import unwrap
@@ -182,9 +182,9 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
     from ..data.targets import batch_targets
-    from ..data.transforms import normalize_image
     from ..models import build_model, save_model
     from .evaluator import evaluate_nmes
+    from .graphed import GraphedTrainStep
 
     run_dir = Path(run_dir)
     if resume:
@@ -225,7 +225,10 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         ema = ModelEMA(model, decay) if oc.ema else None
         criterion = RecipeLoss(config.loss)
         needs_maps = criterion.uses_maps and config.model.use_aam
-        optimizer = build_optimizer(model, oc)
+        if rt.cuda_graphs and (env.device.type != "cuda" or env.distributed):
+            raise ConfigError("runtime.cuda_graphs needs one process on a CUDA device "
+                              f"(this run: {env.world_size} process(es) on {env.device})")
+        optimizer = build_optimizer(model, oc, graphable=rt.cuda_graphs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(oc.milestones), gamma=oc.gamma)
         scaler = torch.amp.GradScaler(env.device.type, enabled=rt.amp == "fp16")
 
@@ -259,6 +262,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
                  definition.name, len(train_ds), steps_per_epoch, env.world_size, env.device, n_params / 1e6)
         skipped = int(counters.get("skipped_batches", 0))
+        graphed: GraphedTrainStep | None = None
         t_start = time.monotonic()
         budget_s = rt.time_budget_minutes * 60
         stopped = ""
@@ -292,14 +296,22 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             step = first_step
             waited = [0.0]  # seconds the loop blocked on the loader this epoch
             for step, batch in enumerate(_timed(train_loader, waited), start=first_step):
-                images = normalize_image(batch["image"].to(env.device, non_blocking=True))
-                if rt.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = batch["image"].to(env.device, non_blocking=True)
                 landmarks = batch["landmarks"].to(env.device, non_blocking=True)
                 pointmaps, edgemaps = (batch_targets(batch, definition, size, hsize, env.device)
                                        if needs_maps else (None, None))
-                res = train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks,
-                                 pointmaps, edgemaps, amp=rt.amp, grad_clip=oc.grad_clip)
+                if rt.cuda_graphs:
+                    if graphed is None:  # captured from the first batch, after any resume
+                        t_capture = time.monotonic()
+                        graphed = GraphedTrainStep(net, model, criterion, optimizer, ema, images, landmarks,
+                                                   pointmaps, edgemaps, amp=rt.amp, grad_clip=oc.grad_clip,
+                                                   channels_last=rt.channels_last)
+                        log.info("training step captured as a CUDA graph (%.1f s)", time.monotonic() - t_capture)
+                    res = graphed(images, landmarks, pointmaps, edgemaps)
+                else:
+                    res = train_step(net, model, criterion, optimizer, scaler, ema,
+                                     network_input(images, rt.channels_last), landmarks, pointmaps, edgemaps,
+                                     amp=rt.amp, grad_clip=oc.grad_clip)
                 loss_v, gnorm_v, parts = res.loss, res.grad_norm, res.parts
                 if not res.applied:
                     msg = (f"non-finite loss {loss_v} / gradient norm {gnorm_v} at epoch {epoch + 1} step {step} "
@@ -321,7 +333,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                     part_values = dict(zip(parts, values, strict=True))
                     gstep = epoch * steps_per_epoch + step + 1
                     record = {"kind": "train", "epoch": epoch + 1, "step": step + 1, "global_step": gstep,
-                              "loss": loss_v, "grad_norm": gnorm_v, "lr": optimizer.param_groups[0]["lr"],
+                              "loss": loss_v, "grad_norm": gnorm_v, "lr": current_lr(optimizer),
                               **part_values}
                     metrics.write(record, gstep)
                     last = len(res.output.heatmaps) - 1
@@ -358,7 +370,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                       "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": train_seconds,
                       "images_per_s": images_per_s, "data_wait_seconds": waited[0],
                       "skipped_batches": skipped,
-                      "lr": optimizer.param_groups[0]["lr"]}
+                      "lr": current_lr(optimizer)}
             history.append(record)
             metrics.write(record, (epoch + 1) * steps_per_epoch)
             log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s "
@@ -414,14 +426,11 @@ def train_step(
     """Forward, the loss over all stacks, backward, gradient clipping, then -- only if the loss and
     gradient norm are finite -- the optimiser step and the EMA update.  ``net`` is what runs the
     forward (``model`` possibly wrapped by DDP or torch.compile).  The one step the trainer runs
-    and ``staralign bench train`` times."""
-    with autocast(images.device, amp):
-        output = net(images)
-    loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
+    and ``staralign bench train`` times (:class:`~staralign.engine.graphed.GraphedTrainStep` is
+    the same step captured as a CUDA graph)."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rt_clip(grad_clip), error_if_nonfinite=False)
+    output, loss, gnorm, parts = forward_backward(net, model, criterion, optimizer, scaler, images, landmarks,
+                                                  pointmaps, edgemaps, amp=amp, grad_clip=grad_clip)
     # One host sync per step: the loss and gradient norm must be finite before anything is
     # applied (the progress bar needs the values anyway).  Under fp16 an infinite norm is the
     # scaler's business: it skips that update itself and lowers the scale.
@@ -435,6 +444,32 @@ def train_step(
     else:
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_v, gnorm_v, parts, output, applied)
+
+
+def forward_backward(
+    net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, images: torch.Tensor, landmarks: torch.Tensor,
+    pointmaps: torch.Tensor | None, edgemaps: torch.Tensor | None, *, amp: str = "none", grad_clip: float = 0.0,
+) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The device work of a step up to the update: (output, loss, gradient norm, loss parts).
+    Gradients are written into ``model``'s ``.grad`` (clipped when ``grad_clip`` > 0); nothing
+    here waits for the device."""
+    with autocast(images.device, amp):
+        output = net(images)
+    loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rt_clip(grad_clip), error_if_nonfinite=False)
+    return output, loss, gnorm, parts
+
+
+def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """A batch as the network takes it: 8-bit crops normalised (float passes through), in the
+    model's memory format."""
+    from ..data.transforms import normalize_image
+
+    images = normalize_image(images)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _timed(loader, waited: list[float]):
@@ -453,13 +488,27 @@ def _timed(loader, waited: list[float]):
         yield batch
 
 
-def build_optimizer(model: nn.Module, oc) -> torch.optim.Optimizer:
-    """Adam as the original (no weight decay unless asked), or AdamW / SGD with momentum."""
+def build_optimizer(model: nn.Module, oc, graphable: bool = False) -> torch.optim.Optimizer:
+    """Adam as the original (no weight decay unless asked), or AdamW / SGD with momentum.
+
+    ``graphable``: an Adam/AdamW that can run inside a CUDA graph -- fused (it skips its
+    update on the device when told to), capturable, and with the learning rate in a device
+    tensor so that the schedule reaches a captured step."""
     params = [p for p in model.parameters() if p.requires_grad]
     if oc.optimizer == "sgd":
+        if graphable:
+            raise ValueError("runtime.cuda_graphs needs optim.optimizer adam or adamw, not sgd")
         return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
     cls = torch.optim.AdamW if oc.optimizer == "adamw" else torch.optim.Adam
+    if graphable:
+        lr = torch.tensor(float(oc.lr), device=params[0].device)
+        return cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, fused=True, capturable=True)
     return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The first group's learning rate as a float (a graphable optimiser keeps it in a tensor)."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def rt_clip(value: float) -> float:
