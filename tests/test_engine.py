@@ -365,6 +365,35 @@ def test_resume_refuses_settings_it_would_ignore(synth_data, tmp_path, capsys):
     assert "--epochs" in err and "--lr" in err and "config.yaml" in err
 
 
+def test_graph_training_path_trains_logs_and_resumes_on_cpu(synth_data, tmp_path, monkeypatch):
+    # The trainer's --cuda-graphs path with the step run uncaptured (there is no GPU here):
+    # the fused optimiser with its learning rate in a tensor, the device-side skip, the
+    # checkpoints and a resume that builds the step again after loading.
+    from staralign.config import load_yaml
+    from staralign.engine import trainer
+
+    monkeypatch.setattr(trainer, "_check_graphable", lambda env: None)
+    eager = train(tiny_config(synth_data, optim={"epochs": 2}, runtime={"tensorboard": False}), tmp_path / "eager")
+    run = tmp_path / "graphed"
+    graphed = train(tiny_config(synth_data, optim={"epochs": 2, "milestones": [1]},
+                                runtime={"cuda_graphs": True, "tensorboard": False}), run)
+    first = [h["train_loss"] for h in graphed.history]
+    # Same first batch from the same weights; after that the fused Adam's rounding, through
+    # max-pool routing, moves the two runs apart a little.
+    assert first[0] == pytest.approx(eager.history[0]["train_loss"], rel=1e-2)
+    # The schedule reached the tensor learning rate (milestone after epoch 1) and logs a float.
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "val"]
+    dropped = 2e-3 * load_yaml(TrainConfig, run / "config.yaml").optim.gamma
+    assert lrs == pytest.approx([dropped, dropped]) and all(isinstance(v, float) for v in lrs)
+
+    cfg3 = merge(load_yaml(TrainConfig, run / "config.yaml"), {"optim": {"epochs": 3}})
+    save_yaml(cfg3, run / "config.yaml")
+    more = train(cfg3, run, resume=True)
+    assert more.epochs_done == 3 and more.history[-1]["train_loss"] < first[0]
+    assert (run / "train.log").read_text().count("captured as a CUDA graph") == 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_training_follows_eager_training_and_resumes(synth_data, tmp_path):
     results = {}

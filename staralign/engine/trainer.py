@@ -121,6 +121,13 @@ class _Metrics:
 
 
 
+def _check_graphable(env: D.DistEnv) -> None:
+    """``runtime.cuda_graphs`` runs one process on a CUDA device (DDP's collectives are not captured)."""
+    if env.device.type != "cuda" or env.distributed:
+        raise ConfigError("runtime.cuda_graphs needs one process on a CUDA device "
+                          f"(this run: {env.world_size} process(es) on {env.device})")
+
+
 def resolve_targets(targets: str, device: torch.device) -> str:
     """``data.targets`` made concrete: "auto" is "mixed" on CUDA (there it measured 1.1-1.2x
     "worker" end to end and level with "device", whose edge rasteriser costs the GPU ~24 ms a
@@ -225,9 +232,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         ema = ModelEMA(model, decay) if oc.ema else None
         criterion = RecipeLoss(config.loss)
         needs_maps = criterion.uses_maps and config.model.use_aam
-        if rt.cuda_graphs and (env.device.type != "cuda" or env.distributed):
-            raise ConfigError("runtime.cuda_graphs needs one process on a CUDA device "
-                              f"(this run: {env.world_size} process(es) on {env.device})")
+        if rt.cuda_graphs:
+            _check_graphable(env)
         optimizer = build_optimizer(model, oc, graphable=rt.cuda_graphs)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(oc.milestones), gamma=oc.gamma)
         scaler = torch.amp.GradScaler(env.device.type, enabled=rt.amp == "fp16")
@@ -305,7 +311,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                         t_capture = time.monotonic()
                         graphed = GraphedTrainStep(net, model, criterion, optimizer, ema, images, landmarks,
                                                    pointmaps, edgemaps, amp=rt.amp, grad_clip=oc.grad_clip,
-                                                   channels_last=rt.channels_last)
+                                                   channels_last=rt.channels_last,
+                                                   capture=env.device.type == "cuda")
                         log.info("training step captured as a CUDA graph (%.1f s)", time.monotonic() - t_capture)
                     res = graphed(images, landmarks, pointmaps, edgemaps)
                 else:
