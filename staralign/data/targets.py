@@ -557,10 +557,19 @@ def _outcode(p: Tensor, last: int) -> Tensor:
     return (x < 0).long() + (x > last).long() * 2 + (y < 0).long() * 4 + (y > last).long() * 8
 
 
+def _slide(u: Tensor, v: Tensor, u_other: Tensor, v_other: Tensor, do: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Where ``do``, move the point (u, v) along the line to (u_other, v_other) until v == t,
+    with OpenCV's truncating fixed-point arithmetic (rows: u = x, v = y; columns swapped)."""
+    step = ((t - v).to(torch.float64) * (u_other - u).to(torch.float64)
+            / torch.where(v_other == v, 1, v_other - v).to(torch.float64)).to(torch.int64)
+    return torch.where(do, u + step, u), torch.where(do, t, v)
+
+
 def _clip_lines(a: Tensor, b: Tensor, canvas: int) -> tuple[Tensor, Tensor, Tensor]:
     """OpenCV's clipLine for fixed-point lines on a canvas x canvas image: (a, b, visible).
 
-    Its integer arithmetic decides which pixels a line that leaves the canvas sets.
+    Its integer arithmetic decides which pixels a line that leaves the canvas sets.  Each end
+    is moved in turn, the second one along the line through the first one's new position.
     """
     last = (canvas << _SHIFT) - 1
     x1, y1, x2, y2 = a[..., 0], a[..., 1], b[..., 0], b[..., 1]
@@ -568,34 +577,18 @@ def _clip_lines(a: Tensor, b: Tensor, canvas: int) -> tuple[Tensor, Tensor, Tens
     act = ((c1 & c2) == 0) & ((c1 | c2) != 0)
     # Rows first ...
     do = act & ((c1 & 12) != 0)
-    t = torch.where(c1 < 8, 0, last)
-    nx1 = x1 + ((t - y1).to(torch.float64) * (x2 - x1).to(torch.float64)
-                / torch.where(y2 == y1, 1, y2 - y1).to(torch.float64)).to(torch.int64)
-    x1 = torch.where(do, nx1, x1)
-    y1 = torch.where(do, t, y1)
+    x1, y1 = _slide(x1, y1, x2, y2, do, torch.where(c1 < 8, 0, last))
     c1 = torch.where(do, (x1 < 0).long() + (x1 > last).long() * 2, c1)
     do = act & ((c2 & 12) != 0)
-    t = torch.where(c2 < 8, 0, last)
-    nx2 = x2 + ((t - y2).to(torch.float64) * (x2 - x1).to(torch.float64)
-                / torch.where(y2 == y1, 1, y2 - y1).to(torch.float64)).to(torch.int64)
-    x2 = torch.where(do, nx2, x2)
-    y2 = torch.where(do, t, y2)
+    x2, y2 = _slide(x2, y2, x1, y1, do, torch.where(c2 < 8, 0, last))
     c2 = torch.where(do, (x2 < 0).long() + (x2 > last).long() * 2, c2)
     # ... then columns.
     act2 = act & ((c1 & c2) == 0) & ((c1 | c2) != 0)
     do = act2 & (c1 != 0)
-    t = torch.where(c1 == 1, 0, last)
-    ny1 = y1 + ((t - x1).to(torch.float64) * (y2 - y1).to(torch.float64)
-                / torch.where(x2 == x1, 1, x2 - x1).to(torch.float64)).to(torch.int64)
-    y1 = torch.where(do, ny1, y1)
-    x1 = torch.where(do, t, x1)
+    y1, x1 = _slide(y1, x1, y2, x2, do, torch.where(c1 == 1, 0, last))
     c1 = torch.where(do, 0, c1)
     do = act2 & (c2 != 0)
-    t = torch.where(c2 == 1, 0, last)
-    ny2 = y2 + ((t - x2).to(torch.float64) * (y2 - y1).to(torch.float64)
-                / torch.where(x2 == x1, 1, x2 - x1).to(torch.float64)).to(torch.int64)
-    y2 = torch.where(do, ny2, y2)
-    x2 = torch.where(do, t, x2)
+    y2, x2 = _slide(y2, x2, y1, x1, do, torch.where(c2 == 1, 0, last))
     c2 = torch.where(do, 0, c2)
     return torch.stack([x1, y1], -1), torch.stack([x2, y2], -1), (c1 | c2) == 0
 
