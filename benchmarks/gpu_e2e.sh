@@ -12,8 +12,8 @@ OUT=${OUT:-/tmp/staralign-e2e}; DEVICE=${DEVICE:-cuda}; mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 SA="python3 -m staralign"; LOG="$OUT/bench.jsonl"
 if [ "${SMALL:-0}" = 1 ]; then B=4; N=32; WK=2; EXTRA='model: {nstack: 1, nlevels: 2, channels: 32, input_size: 64}'
-  M="--nstack 1 --nlevels 2 --channels 32 --input-size 64 --iters 2 --repeats 1"; P="--small --steps 2"
-else B=32; N=4096; WK=14; EXTRA=''; M="--iters 10 --repeats 3"; P=""; fi
+  M="--nstack 1 --nlevels 2 --channels 32 --input-size 64 --iters 2 --repeats 1"
+else B=32; N=4096; WK=14; EXTRA=''; M="--iters 10 --repeats 3"; fi
 j() { echo "== $1 $(date +%T)" >> "$OUT/suite.log"; local name=$1; shift
   timeout 150 "$@" 2>>"$OUT/suite.log" | tail -n 1 | sed "s/^{/{\"name\": \"$name\", /" | tee -a "$LOG" | cut -c1-300; }
 echo "== GPU-only tests $(date +%T)" >> "$OUT/suite.log"
@@ -27,7 +27,7 @@ j step_fp32_graph $SA $T --cuda-graphs
 j step_bf16_cl_graph $SA $T --cuda-graphs --amp bf16 --channels-last
 j step_bf16_graph $SA $T --cuda-graphs --amp bf16
 j step_fp32_cl_graph $SA $T --cuda-graphs --channels-last
-j profile_fp32 python3 benchmarks/profile_train_step.py --device $DEVICE --batch-size $B $P
+j profile_fp32 $SA $T --profile
 echo "== synth $(date +%T)" >> "$OUT/suite.log"
 $SA data synth --out "$OUT/synth" --train $N --test 64 --size 256 --workers $WK --quiet 2>>"$OUT/suite.log"
 e2e() {  # e2e NAME [extra runtime yaml]

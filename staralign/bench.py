@@ -97,6 +97,45 @@ def time_fn(fn: Callable[[], Any], device, warmup: int = 3, iters: int = 20, rep
     }
 
 
+def profile_kernels(fn: Callable[[], Any], device, steps: int = 5, top: int = 15) -> dict:
+    """Wall time per call of ``fn`` against the device's busy time (the sum of its kernels'
+    durations, from the profiler), and the kernels that take the most.  Wall time well above
+    kernel time means the device waits for the host to issue work (launch-bound).  On a CPU
+    there are no kernels to count and only the wall time is given."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    result: dict[str, Any] = {"steps": steps, "wall_ms_per_step": (time.perf_counter() - t0) * 1000 / steps,
+                              "kernel_ms_per_step": None, "kernels_per_step": None, "top_kernels": []}
+    if not cuda:
+        return result
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    # Device events only, less the ranges that annotate a span of kernels (such as the
+    # optimiser's "Optimizer.step#Adam.step"), which would count those kernels twice.
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False) and "#" not in e.name:
+            entry = totals.setdefault(e.name, [0.0, 0])
+            entry[0] += e.device_time / 1000 / steps
+            entry[1] += 1
+    result["kernel_ms_per_step"] = sum(v[0] for v in totals.values())
+    result["kernels_per_step"] = sum(v[1] for v in totals.values()) / steps
+    result["top_kernels"] = [{"name": k[:90], "ms_per_step": round(v[0], 3), "calls_per_step": v[1] / steps}
+                             for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
+    return result
+
+
 def emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, sort_keys=False))
@@ -545,6 +584,8 @@ def _train_args(p) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a few steps: wall time against the device's kernel time, top kernels")
     p.add_argument("--targets", choices=["device", "none"], default="device",
                    help="build point/edge map targets on the device every step, or once up front "
                         "(as when loader workers build them)")
@@ -671,6 +712,8 @@ def bench_train(args) -> dict:
     result.update(device_info(device))
     result["step"] = timing
     result["images_per_s"] = b * 1000.0 / timing["ms_median"]
+    if args.profile:
+        result["profile"] = profile_kernels(step, device)
     return result
 
 

@@ -353,6 +353,22 @@ def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     assert len(calls) == 3  # warm-up and timed steps all go through the trainer's step
 
 
+def test_bench_train_profile_reports_the_step_it_profiles(monkeypatch, capsys):
+    from staralign.cli import main
+    from staralign.engine import trainer
+
+    calls = []
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["bench", "train", "--device", "cpu", "--batch-size", "2", "--nstack", "1", "--nlevels", "2",
+                 "--channels", "16", "--input-size", "64", "--iters", "1", "--repeats", "1", "--warmup", "1",
+                 "--profile", "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["profile"]
+    assert profile["wall_ms_per_step"] > 0 and profile["steps"] == 5
+    assert profile["kernel_ms_per_step"] is None  # a CPU has no kernels to count
+    assert len(calls) == 2 + 1 + 5  # timing, then one settling call and the profiled steps
+
+
 def test_resume_refuses_settings_it_would_ignore(synth_data, tmp_path, capsys):
     from staralign.cli import main
 

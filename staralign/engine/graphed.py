@@ -45,14 +45,14 @@ class GraphedTrainStep:
         if amp == "fp16":
             raise ValueError("CUDA-graph training supports amp none or bf16: fp16's loss scaler decides on the host")
         group = optimizer.param_groups[0]
-        if not (group.get("fused") and group.get("capturable")):
-            raise ValueError("CUDA-graph training needs the optimiser from build_optimizer(..., graphable=True)")
+        lr = group["lr"]
+        if not (group.get("fused") and group.get("capturable") and torch.is_tensor(lr)
+                and lr.device == group["params"][0].device):
+            raise ValueError("CUDA-graph training needs the optimiser from build_optimizer(..., graphable=True): "
+                             "fused (it skips a flagged update), capturable, and with its learning rate in a "
+                             "tensor beside the parameters that the schedule updates in place")
         if capture and images.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the batch is on {images.device}")
-        lr = group["lr"]
-        if not (torch.is_tensor(lr) and lr.device == group["params"][0].device):
-            raise ValueError("CUDA-graph training needs the learning rate in a tensor beside the parameters "
-                             "(build_optimizer(..., graphable=True)), or the schedule cannot reach the graph")
         self.net, self.model, self.criterion, self.optimizer, self.ema = net, model, criterion, optimizer, ema
         self.amp, self.grad_clip, self.channels_last = amp, grad_clip, channels_last
         self.scaler = torch.amp.GradScaler(images.device.type, enabled=False)
@@ -80,7 +80,7 @@ class GraphedTrainStep:
         return stats, parts, output
 
     def _capture(self, warmup: int) -> None:
-        buffers = [b for b in self.model.buffers()]
+        buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]  # BatchNorm statistics move in warm-up forwards
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
