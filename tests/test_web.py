@@ -34,6 +34,7 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2; the test clien
 
 from staralign.cli import build_parser, main  # noqa: E402
 from staralign.config import ModelConfig  # noqa: E402
+from staralign.data import images as data_images  # noqa: E402
 from staralign.data.synth import render_face  # noqa: E402
 from staralign.definitions import get_definition  # noqa: E402
 from staralign.inference import LandmarkDetector  # noqa: E402
@@ -368,12 +369,20 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
     images = [face_png(seed, 96 + 16 * seed)[0] for seed in range(8)]
     with TestClient(create_app(detector)) as c:
         sequential = [post_file(c, data, ambiguity="true").json()["inputs"][0] for data in images]
-        active, most = 0, 0
+        active, most, held, most_held = 0, 0, 0, 0
         guard = threading.Lock()
         real_detect = detector.detect
+        real_decode = data_images.decode_image
+
+        def spying_decode(*args, **kwargs):
+            nonlocal held, most_held
+            with guard:
+                held += 1
+                most_held = max(most_held, held)
+            return real_decode(*args, **kwargs)
 
         def spying_detect(*args, **kwargs):
-            nonlocal active, most
+            nonlocal active, most, held
             with guard:
                 active += 1
                 most = max(most, active)
@@ -383,8 +392,10 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
             finally:
                 with guard:
                     active -= 1
+                    held -= 1  # the model is done with this decoded image
 
         monkeypatch.setattr(detector, "detect", spying_detect)
+        monkeypatch.setattr(data_images, "decode_image", spying_decode)
         order = [i for _ in range(3) for i in range(len(images))]
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda i: (i, post_file(c, images[i], ambiguity="true")), order))
@@ -392,6 +403,7 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
         assert r.status_code == 200, r.text
         assert r.json()["inputs"][0] == sequential[i], i
     assert most == 1  # model calls never overlapped
+    assert most_held <= 2  # decoded images waiting for the model are bounded by the decode slots
     assert len({json.dumps(s["faces"]) for s in sequential}) == len(images)  # the images really differ
 
 
