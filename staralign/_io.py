@@ -4,17 +4,20 @@ Every file the project writes for keeps (checkpoints, training state, configs, a
 files, exports, reports) goes through :func:`atomic_path`: the data is written to a
 temporary file beside the target, flushed to disk, and renamed over the target; the
 folder is synced so the rename survives a power cut.  On any error the temporary file
-is removed and the target is left as it was.
+is removed and the target is left as it was.  JSON the project writes is strict
+(:func:`finite_json`): NaN or infinity, which JSON cannot hold, become null.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "finite_json"]
 
 
 @contextmanager
@@ -52,3 +55,15 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (also in nested dicts, lists, tuples) as None:
+    strict JSON has no NaN or infinity, and browsers' parsers reject them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value

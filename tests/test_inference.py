@@ -307,6 +307,12 @@ def test_face_to_dict_is_plain_json(face):
     assert d["box"] == [1.0, 2.0, 3.0, 4.0] and d["score"] == 0.5 and d["landmarks"] == [[1.0, 1.0]] * 3
     assert set(d["ambiguity"]) == {"major_std", "minor_std", "tangent"}
     assert "ambiguity" not in f.to_dict(ambiguity=False)
+    # A diverged checkpoint's NaN/Inf landmarks are nulls: the JSON stays strict.
+    points = np.array([[1.0, np.nan], [np.inf, 2.0], [3.0, 4.0]])
+    bad = Face((1.0, 2.0, 3.0, 4.0), points, 0.5, Ambiguity.from_covariance(np.full((3, 2, 2), np.nan)))
+    d = json.loads(json.dumps(bad.to_dict(), allow_nan=False))
+    assert d["landmarks"] == [[1.0, None], [None, 2.0], [3.0, 4.0]]
+    assert d["ambiguity"]["major_std"] == [None] * 3
 
 
 # --------------------------------------------------------------------------- inputs

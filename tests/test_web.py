@@ -214,6 +214,17 @@ def test_no_face_is_an_empty_list_not_an_error(weights):
             assert r.json()["inputs"][0]["faces"] == [] and r.json()["detector"] == "opencv"
 
 
+def test_nonfinite_landmarks_are_null_not_a_server_error(client, monkeypatch):
+    from staralign.inference import Face
+
+    detector = client.app.state.service.detector
+    monkeypatch.setattr(detector, "detect", lambda *a, **k: [
+        Face((0.0, 0.0, 10.0, 10.0), np.full((98, 2), np.nan), None, None, "WFLW")])
+    r = post_file(client, face_png(0)[0])
+    assert r.status_code == 200, r.text
+    assert r.json()["inputs"][0]["faces"][0]["landmarks"] == [[None, None]] * 98
+
+
 def test_onnx_model_serves_the_same_landmarks(weights, client, tmp_path):
     pytest.importorskip("onnxruntime")
     from staralign.inference.export import export_onnx

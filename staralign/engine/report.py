@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write
+from .._io import atomic_write, finite_json
 from .evaluator import FULL, EvalResult, TestSet
 
 __all__ = [
@@ -59,20 +59,9 @@ MIN_TILE = 256  # worst-face tiles are drawn at least this large, whatever the n
 # --------------------------------------------------------------------------- files
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: such numbers become null (nested containers too)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def json_text(data: dict) -> str:
     """Strict JSON text (non-finite numbers as null)."""
-    return json.dumps(_finite(data), indent=2) + "\n"
+    return json.dumps(finite_json(data), indent=2) + "\n"
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

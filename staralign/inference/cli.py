@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write
+
 __all__ = ["register", "run_export", "run_predict"]
 
 DETECTOR_CHOICES = ("opencv", "none", "dlib", "mediapipe")
@@ -267,8 +269,7 @@ def run_predict(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
     elif args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report), encoding="utf-8")
+        atomic_write(args.json, json.dumps(report))
     for err in errors:
         print(f"staralign predict: skipped {err['path']}: {err['error']}", file=sys.stderr)
     n_faces = sum(len(r["faces"]) for r in records if r["type"] == "image")

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._io import finite_json
 from ..definitions import LandmarkDefinition, get_definition
 from . import geometry
 from .faces import FaceDetector, FixedBoxes, framing_of, get_face_detector
@@ -104,7 +105,8 @@ class Face:
     center: tuple[float, float] = field(default=(0.0, 0.0))
 
     def to_dict(self, ambiguity: bool = True) -> dict[str, Any]:
-        """Plain JSON types: lists of floats, None as null."""
+        """Plain JSON types: lists of floats, None as null (also for NaN or infinite values,
+        which a broken checkpoint can produce and strict JSON cannot hold)."""
         out: dict[str, Any] = {
             "box": [round(float(v), 2) for v in self.box],
             "score": None if self.score is None else round(float(self.score), 4),
@@ -114,7 +116,7 @@ class Face:
         }
         if ambiguity and self.ambiguity is not None:
             out["ambiguity"] = self.ambiguity.to_dict()
-        return out
+        return finite_json(out)
 
 
 def _canonical_format(fmt: str | None, native: str) -> str:
