@@ -291,6 +291,18 @@ def test_target_placement_and_8bit_images_do_not_change_training(synth_data, tmp
     _assert_same_weights(weights["worker"], weights["device"], rtol=1e-4, atol=1e-6)
 
 
+def test_maps_are_built_only_for_a_loss_that_scores_them(synth_data):
+    from staralign.definitions import get_definition
+    from staralign.engine import distributed as D
+    from staralign.engine.trainer import build_loaders
+
+    env = D.DistEnv(device=torch.device("cpu"))
+    for map_weight, keys in ((10.0, {"pointmaps", "edgemaps"}), (0.0, set())):
+        cfg = tiny_config(synth_data, loss={"kind": "l2", "map_weight": map_weight}, data={"targets": "worker"})
+        train_ds, *_ = build_loaders(cfg, get_definition("WFLW"), env)
+        assert keys == {"pointmaps", "edgemaps"} & set(train_ds[0])
+
+
 def test_target_placement_auto_and_validation():
     from staralign.config import ConfigError
     from staralign.engine.trainer import resolve_targets

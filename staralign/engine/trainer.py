@@ -137,6 +137,12 @@ def resolve_targets(targets: str, device: torch.device) -> str:
     return targets
 
 
+def needs_target_maps(config: TrainConfig) -> bool:
+    """Whether a step needs point/edge map targets: the model has AAM heads and the loss scores
+    them (``map_weight`` > 0).  Otherwise no one builds them, in the workers or on the device."""
+    return config.model.use_aam and config.loss.map_weight > 0
+
+
 def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.DistEnv):
     """Training and validation datasets and loaders (sharded across processes)."""
     from ..data.dataset import LandmarkDataset, collate_samples, find_annotation_file, worker_init_fn
@@ -145,7 +151,7 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
     train_file = find_annotation_file(dc.annot_dir, definition.name, dc.train_file)
     val_file = find_annotation_file(dc.annot_dir, definition.name, dc.val_file)
     placement = resolve_targets(dc.targets, env.device)
-    targets = {"worker": "worker", "mixed": "edges"}.get(placement, "none") if mc.use_aam else "none"
+    targets = {"worker": "worker", "mixed": "edges"}.get(placement, "none") if needs_target_maps(config) else "none"
     train_ds = LandmarkDataset(
         train_file, dc.image_dir, definition, train=True, input_size=mc.input_size,
         heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets=targets,
@@ -231,7 +237,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         decay = oc.ema_decay if oc.ema_decay is not None else default_decay(oc.batch_size * env.world_size)
         ema = ModelEMA(model, decay) if oc.ema else None
         criterion = RecipeLoss(config.loss)
-        needs_maps = criterion.uses_maps and config.model.use_aam
+        needs_maps = needs_target_maps(config)
         if rt.cuda_graphs:
             _check_graphable(env)
         optimizer = build_optimizer(model, oc, graphable=rt.cuda_graphs)
