@@ -129,6 +129,18 @@ def test_ema_update_with_a_device_flag():
     assert int(flagged.state_dict()["1.num_batches_tracked"]) == 4
 
 
+def test_ema_follows_a_model_whose_weights_change_layout():
+    model = torch.nn.Conv2d(3, 4, 3)
+    ema = ModelEMA(model, 0.5)
+    ema.update(model)  # binds to the model's tensors
+    before = ema.module.weight.detach().clone()
+    model.to(memory_format=torch.channels_last)  # swaps each parameter's data
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.5 * before + 5.0)
+
+
 def test_cuda_graph_settings_are_validated():
     base = load_preset("tiny")
     with pytest.raises(ConfigError, match="fp16"):

@@ -40,11 +40,14 @@ class ModelEMA:
         src = unwrap(model)
         # The model's tensors are updated in place by the optimiser, so their lists are
         # gathered once per source model, not on every step (~1,450 tensors in the paper net).
+        # The Parameter objects themselves are kept (not detached aliases), so a conversion
+        # that swaps their data, such as ``model.to(memory_format=torch.channels_last)``, is
+        # followed.
         if self._source is None or self._source[0] != id(src):
             floats, others = _split(src)
             if len(floats) != len(self._float) or len(others) != len(self._other):
                 raise RuntimeError("EMA and model have different structures")
-            self._source = (id(src), [t.detach() for t in floats], others)
+            self._source = (id(src), floats, others)
         _, floats, others = self._source
         if skip is None:
             torch._foreach_lerp_(self._float, floats, 1.0 - self.decay)
@@ -56,9 +59,10 @@ class ModelEMA:
         delta = torch._foreach_sub(floats, self._float)
         torch._foreach_mul_(delta, weight)
         torch._foreach_add_(self._float, delta)
-        keep = skip.bool()
-        for mine, theirs in zip(self._other, others, strict=True):
-            mine.copy_(torch.where(keep, mine, theirs))
+        if others:  # integer counters: + (model - ema) * (1 - skip), three kernels for all
+            delta = torch._foreach_sub(others, self._other)
+            torch._foreach_mul_(delta, 1 - skip.long())
+            torch._foreach_add_(self._other, delta)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()
