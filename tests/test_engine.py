@@ -391,6 +391,13 @@ def test_resume_refuses_settings_it_would_ignore(synth_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status != 0
     assert "--epochs" in err and "--lr" in err and "config.yaml" in err
+    # Named as typed on the command line, whatever config field they set.
+    status = main(["train", "--resume", str(run), "--no-ema", "--data_definition", "300W", "--loss", "l2",
+                   "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert status != 0
+    assert all(flag in err for flag in ("--no-ema", "--data-definition", "--loss", "--preset")), err
+    assert "--use-aam" not in err and "--kind" not in err and "--ema," not in err
 
 
 def test_graph_training_path_trains_logs_and_resumes_on_cpu(synth_data, tmp_path, monkeypatch):

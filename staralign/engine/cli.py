@@ -124,6 +124,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def _flags_given(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The train flags set to something other than their default, as the user spells them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_arguments(parser)
+    return [a.option_strings[0] for a in parser._actions
+            if a.dest not in exclude and getattr(args, a.dest, a.default) != a.default]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from .trainer import train
@@ -137,9 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
         # Settings given with --resume would be silently ignored: refuse them instead.
-        given = [f"--{k.replace('_', '-')}" for section in overrides_from_args(args).values() for k in section]
-        if args.config:
-            given.insert(0, "--config")
+        given = _flags_given(args, exclude=("resume",))
         if given:
             raise UserError(f"--resume continues {run_dir} with its saved config.yaml; remove "
                             f"{', '.join(given)} (to change a setting such as the epochs, edit that "
