@@ -244,6 +244,28 @@ def test_micro_batches_and_channels_last_give_the_same_landmarks():
     torch.testing.assert_close(nhwc, predict_batch(model, x, WFLW, flip_test=True), atol=1e-5, rtol=0)
 
 
+def test_validation_takes_8bit_crops_and_channels_last_models(synth):
+    # Validation prepares batches as training does: 8-bit crops normalised on the device,
+    # NHWC for a channels-last model; the scores equal the float32, NCHW ones.
+    from staralign.data.dataset import LandmarkDataset, collate_samples
+    from staralign.engine.evaluator import evaluate_nmes
+
+    def loader(dtype: str):
+        ds = LandmarkDataset(synth / "test.tsv", synth, "WFLW", train=False, input_size=64, heatmap_size=16,
+                             targets="none", image_dtype=dtype)
+        return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_samples)
+
+    model = tiny_model(seed=1)
+    ema = tiny_model(seed=2)
+    expected = evaluate_nmes({"model": model, "ema": ema}, loader("float32"), WFLW, torch.device("cpu"))
+    got = evaluate_nmes({"model": model, "ema": ema}, loader("uint8"), WFLW, torch.device("cpu"))
+    assert got == pytest.approx(expected, rel=1e-5)
+    for m in (model, ema):
+        m.to(memory_format=torch.channels_last)
+    nhwc = evaluate_nmes({"model": model, "ema": ema}, loader("uint8"), WFLW, torch.device("cpu"), channels_last=True)
+    assert nhwc == pytest.approx(expected, rel=1e-4)
+
+
 def test_evaluate_model_leaves_the_model_as_it_was(synth):
     ts = TestSet(load_test_set("WFLW", synth, synth).annotations[:2], str(synth), ["t"])
     model = tiny_model()

@@ -13,11 +13,11 @@ import torch
 
 from staralign.config import ConfigError, LossConfig, ModelConfig, OptimConfig, load_preset, merge
 from staralign.data.targets import batch_targets
-from staralign.data.transforms import normalize_points
+from staralign.data.transforms import network_input, normalize_points
 from staralign.definitions import get_definition
 from staralign.engine.ema import ModelEMA
 from staralign.engine.graphed import GraphedTrainStep
-from staralign.engine.trainer import build_optimizer, network_input, train_step
+from staralign.engine.trainer import build_optimizer, train_step
 from staralign.losses.recipe import RecipeLoss
 from staralign.models import build_model
 

@@ -48,6 +48,7 @@ __all__ = [
     "flip_landmarks",
     "flip_matrix",
     "image_to_tensor",
+    "network_input",
     "normalize_image",
     "invert_affine",
     "mirror_matrix",
@@ -205,6 +206,13 @@ def normalize_image(images: Tensor) -> Tensor:
     if images.dtype != torch.uint8:
         return images
     return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
+
+
+def network_input(images: Tensor, channels_last: bool = False) -> Tensor:
+    """A batch as the network takes it: 8-bit crops normalised (float passes through), in the
+    model's memory format (``channels_last`` for a channels-last model)."""
+    images = normalize_image(images)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 @dataclass(frozen=True)

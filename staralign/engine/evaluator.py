@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..data.annotations import WFLW_TAGS, Annotation, read_annotations
+from ..data.transforms import network_input
 from ..definitions import LandmarkDefinition, get_definition
 from ..metrics import NORMS, fr_auc, point_errors
 from ..metrics import nme as nme_fn
@@ -168,9 +169,7 @@ def predict(
     bar = _progress_bar(loader, progress)
     try:
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = network_input(batch["image"].to(device, non_blocking=True), channels_last)
             pred = predict_batch(model, images, definition, flip_test, amp, micro_batch)
             preds.append(pred.cpu().numpy())
             gts.append(batch["landmarks"].numpy())
@@ -224,15 +223,17 @@ def evaluate_nmes(
     device: torch.device,
     amp: str = "none",
     norm: str = "default",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """:func:`evaluate_nme` of several models (e.g. a model and its EMA) in one pass over the
-    loader: each batch is read, decoded and moved to the device once."""
+    loader: each batch is read, decoded and moved to the device once (``channels_last`` for
+    channels-last models)."""
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     total = torch.zeros(len(models), 2, dtype=torch.float64, device=device)
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
+        images = network_input(batch["image"].to(device, non_blocking=True), channels_last)
         gt = batch["landmarks"].to(device).double()
         for k, m in enumerate(models.values()):
             errs = nme_fn(predict_batch(m, images, definition, False, amp).double(), gt, definition, norm)

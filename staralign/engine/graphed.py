@@ -21,8 +21,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..data.transforms import network_input
 from .ema import ModelEMA
-from .trainer import StepResult, forward_backward, network_input
+from .trainer import StepResult, forward_backward
 
 
 class GraphedTrainStep:

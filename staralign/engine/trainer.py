@@ -195,6 +195,7 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
     from ..data.targets import batch_targets
+    from ..data.transforms import network_input
     from ..models import build_model, save_model
     from .evaluator import evaluate_nmes
     from .graphed import GraphedTrainStep
@@ -371,7 +372,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             images_per_s = n_logged * oc.batch_size * env.world_size / max(train_seconds, 1e-9)
             scheduler.step()
             scored = {"model": unwrap(model)} | ({"ema": ema.module} if ema is not None else {})
-            val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp)
+            val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp, channels_last=rt.channels_last)
             improved = False
             for source, nme in val.items():
                 if nme < best["nme"]:
@@ -474,15 +475,6 @@ def forward_backward(
     scaler.unscale_(optimizer)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rt_clip(grad_clip), error_if_nonfinite=False)
     return output, loss, gnorm, parts
-
-
-def network_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """A batch as the network takes it: 8-bit crops normalised (float passes through), in the
-    model's memory format."""
-    from ..data.transforms import normalize_image
-
-    images = normalize_image(images)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def _timed(loader, waited: list[float]):
