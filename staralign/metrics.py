@@ -94,12 +94,20 @@ def fr_auc(nmes, threshold: float = 0.1, step: float = AUC_STEP, rounded: bool =
     return fr, auc
 
 
-def summarize(nmes: Sequence[float] | np.ndarray, thresholds: Sequence[float]) -> dict:
-    """NME mean plus FR/AUC at each threshold, ready for JSON."""
-    values = np.asarray(nmes, np.float64)
-    out: dict = {"nme": float(values.mean()) if values.size else float("nan"), "count": int(values.size)}
-    out["thresholds"] = {}
+def summarize(nmes: Sequence[float] | np.ndarray, thresholds: Sequence[float], norm: str = "default") -> dict:
+    """NME, FR and AUC of one set of faces, ready for JSON.
+
+    ``fr``/``auc``/``threshold`` are those of the first threshold; ``by_threshold``
+    holds every threshold's (keys as ``f"{t:g}"``).  An empty set gives ``None``s.
+    """
+    if not thresholds:
+        raise ValueError("at least one FR/AUC threshold is needed")
+    values = np.asarray(nmes, np.float64).reshape(-1)
+    n = int(values.size)
+    by: dict[str, dict] = {}
     for t in thresholds:
-        fr, auc = fr_auc(values, t) if values.size else (float("nan"), float("nan"))
-        out["thresholds"][f"{t:g}"] = {"fr": fr, "auc": auc}
-    return out
+        fr, auc = fr_auc(values, float(t)) if n else (None, None)
+        by[f"{t:g}"] = {"fr": fr, "auc": auc}
+    first = by[f"{thresholds[0]:g}"]
+    return {"nme": float(values.mean()) if n else None, "fr": first["fr"], "auc": first["auc"],
+            "threshold": float(thresholds[0]), "norm": norm, "count": n, "by_threshold": by}

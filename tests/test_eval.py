@@ -20,9 +20,9 @@ from staralign.engine.evaluator import (
     load_test_set,
     predict_batch,
     score,
-    set_metrics,
     tag_subsets,
 )
+from staralign.metrics import summarize
 from staralign.models import build_model
 
 WFLW = get_definition("WFLW")
@@ -188,7 +188,7 @@ def test_score_aggregates_subsets_and_thresholds():
     assert m["fr"] == 0.25 and m["by_threshold"]["0.05"]["fr"] == 0.5
     assert m["subsets"]["a"]["count"] == 2 and m["subsets"]["a"]["nme"] == pytest.approx(0.015)
     assert m["subsets"]["a"]["fr"] == 0.0 and m["subsets"]["b"]["fr"] == 0.5
-    assert m["subsets"]["empty"] == set_metrics([], [0.1, 0.05], "ocular")
+    assert m["subsets"]["empty"] == summarize([], [0.1, 0.05], "ocular")
     assert m["subsets"]["empty"]["nme"] is None and m["subsets"]["empty"]["count"] == 0
     with pytest.raises(ValueError):
         score(nmes, {"bad": np.ones(3, bool)}, [0.1], "ocular")

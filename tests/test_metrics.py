@@ -59,7 +59,7 @@ def test_ced_and_summary():
     assert xs[0] == 0 and ys[-1] == pytest.approx(2 / 3)
     assert np.all(np.diff(ys) >= 0)
     s = summarize(nmes, [0.05, 0.1])
-    assert s["count"] == 3 and s["thresholds"]["0.1"]["fr"] == pytest.approx(0.3333)
+    assert s["count"] == 3 and s["by_threshold"]["0.1"]["fr"] == pytest.approx(0.3333)
     with pytest.raises(ValueError):
         ced_curve([], 0.1)
     with pytest.raises(ValueError, match="unknown normalisation"):

@@ -13,7 +13,7 @@ Layers, each usable alone:
   ``tester.py``: prediction vs clamped ground truth, normalised crop coordinates)
   or image space (its ``evaluate.py``: the prediction mapped back through the
   inverse crop vs the annotation's landmarks, unclamped).
-* ``set_metrics`` / ``score`` turn per-sample NMEs into NME, FR and AUC per
+* ``metrics.summarize`` / ``score`` turn per-sample NMEs into NME, FR and AUC per
   threshold, for the full set and every subset (what the report and JSON hold).
 
 Test mode never builds training targets (the original's loader draws point and
@@ -36,7 +36,7 @@ from torch import nn
 from ..data.annotations import WFLW_TAGS, Annotation, read_annotations
 from ..data.transforms import network_input
 from ..definitions import LandmarkDefinition, get_definition
-from ..metrics import NORMS, fr_auc, point_errors
+from ..metrics import NORMS, point_errors, summarize
 from ..metrics import nme as nme_fn
 from ..models.speed import autocast
 from . import distributed as D
@@ -58,7 +58,6 @@ __all__ = [
     "predict",
     "predict_batch",
     "score",
-    "set_metrics",
     "tag_subsets",
 ]
 
@@ -358,40 +357,21 @@ def load_test_set(
 # --------------------------------------------------------------------------- metrics
 
 
-def set_metrics(nmes: Sequence[float] | np.ndarray, thresholds: Sequence[float], norm: str) -> dict:
-    """NME, FR and AUC of one set of faces, ready for JSON.
-
-    ``fr``/``auc``/``threshold`` are those of the first threshold; ``by_threshold``
-    holds every threshold's (keys as ``f"{t:g}"``).  An empty set gives ``None``s.
-    """
-    if not thresholds:
-        raise ValueError("at least one FR/AUC threshold is needed")
-    values = np.asarray(nmes, np.float64).reshape(-1)
-    n = int(values.size)
-    by: dict[str, dict] = {}
-    for t in thresholds:
-        fr, auc = fr_auc(values, float(t)) if n else (None, None)
-        by[f"{t:g}"] = {"fr": fr, "auc": auc}
-    first = by[f"{thresholds[0]:g}"]
-    return {"nme": float(values.mean()) if n else None, "fr": first["fr"], "auc": first["auc"],
-            "threshold": float(thresholds[0]), "norm": norm, "count": n, "by_threshold": by}
-
-
 def score(
     nmes: Sequence[float] | np.ndarray,
     subsets: Mapping[str, np.ndarray],
     thresholds: Sequence[float],
     norm: str,
 ) -> dict:
-    """The full set's :func:`set_metrics`, with ``"subsets"``: the same for every masked subset."""
+    """The full set's :func:`~staralign.metrics.summarize`, with ``"subsets"``: the same for every masked subset."""
     values = np.asarray(nmes, np.float64).reshape(-1)
-    out = set_metrics(values, thresholds, norm)
+    out = summarize(values, thresholds, norm)
     out["subsets"] = {}
     for name, mask in subsets.items():
         m = np.asarray(mask, bool)
         if m.shape != values.shape:
             raise ValueError(f"subset {name!r}: mask of shape {m.shape} for {values.size} faces")
-        out["subsets"][name] = set_metrics(values[m], thresholds, norm)
+        out["subsets"][name] = summarize(values[m], thresholds, norm)
     return out
 
 
