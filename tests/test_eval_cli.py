@@ -220,3 +220,20 @@ def test_run_labels_are_unique():
     assert run_labels(["a/x.pkl", "b/y.pkl"]) == ["x", "y"]
     assert run_labels(["a/x.pkl", "b/x.pkl"]) == ["a/x", "b/x"]
     assert run_labels(["a/x.pkl", "a/x.pkl"]) == ["a/x", "a/x#2"]
+
+
+def test_test_command_choices_match_the_evaluator():
+    import subprocess
+    import sys
+
+    from staralign.cli import build_parser
+    from staralign.engine.evaluator import SPACES
+    from staralign.metrics import NORMS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["test"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert choices["norm"] == NORMS and choices["space"] == SPACES
+    # The reason they are spelled out: building the parser does not load torch.
+    code = "import sys; from staralign.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"

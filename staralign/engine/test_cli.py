@@ -22,6 +22,10 @@ __all__ = ["register", "run_test", "run_labels"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``test`` to the ``staralign`` parser."""
+    from ..config import AMP_MODES
+
+    # --norm and --space spell out metrics.NORMS and evaluator.SPACES (a test keeps them equal):
+    # importing those modules would load torch for every command's --help.
     p = subparsers.add_parser(
         "test", help="evaluate checkpoints on a test set: NME / FR / AUC per subset, CED plots",
         description="Evaluate one or several checkpoints (official .pkl or staralign .safetensors) on a "
@@ -60,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="data loader processes (default: 0 on a CPU, up to 8 beside a GPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast dtype (default none)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="run the network in NCHW (default NHWC, faster on CPUs and tensor cores)")
     p.add_argument("--ema", action="store_true", help="use a training checkpoint's EMA weights")
