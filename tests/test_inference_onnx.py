@@ -120,6 +120,19 @@ def test_onnx_path_never_imports_torch(exported, tmp_path):
     assert len(face["landmarks"]) == 68 and len(face["ambiguity"]["major_std"]) == 68
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["backend"] == "onnxruntime" and len(report["inputs"][0]["faces"][0]["landmarks"]) == 98
+    # With torch installed and importable, the ONNX path (the web app's format list included)
+    # still does not load it.
+    script = textwrap.dedent(f"""
+        import sys
+        from staralign import LandmarkDetector
+        det = LandmarkDetector.from_onnx({str(exported["onnx"])!r}, detector="none")
+        assert "68" in det.formats()
+        det.detect({str(tmp_path / "face.png")!r}, format="68")
+        print("torch" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_fixed_batch_export_and_failing_check(exported, tmp_path, capsys):

@@ -36,11 +36,12 @@ pupils 96, 97   (dropped)              300W has no pupil points
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is loaded only to convert tensors: the ONNX runtime path runs without it
+    from torch import Tensor
 
 __all__ = [
     "CONVERSIONS",
@@ -51,7 +52,7 @@ __all__ = [
     "register_conversion",
 ]
 
-ArrayLike = TypeVar("ArrayLike", np.ndarray, Tensor)
+ArrayLike = TypeVar("ArrayLike", np.ndarray, "Tensor")
 Table = Sequence[Sequence[tuple[int, float]]]
 
 
@@ -138,7 +139,9 @@ def convert_landmarks(points: ArrayLike, src: str = "WFLW", dst: str = "300W") -
     n_src = m.shape[1]
     if points.shape[-2] != n_src or points.shape[-1] != 2:
         raise ValueError(f"{src}->{dst} expects (..., {n_src}, 2) points, got {tuple(points.shape)}")
-    if isinstance(points, Tensor):
+    if type(points).__module__.startswith("torch"):
+        import torch
+
         dtype = points.dtype if points.is_floating_point() else torch.float32
         w = torch.tensor(m, dtype=dtype, device=points.device)
         return torch.matmul(w, points.to(dtype))

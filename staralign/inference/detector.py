@@ -288,16 +288,13 @@ class LandmarkDetector:
         """Every value of ``format`` this model accepts, with the layout each gives.
 
         ``"native"``, the model's own layout, each layout it converts to (stored in the
-        model file, or registered in ``staralign.data.landmark_formats`` when that can be
-        imported) and the :data:`FORMAT_ALIASES` of these; in that order, aliases before names.
+        model file, or registered in ``staralign.data.landmark_formats``) and the
+        :data:`FORMAT_ALIASES` of these; in that order, aliases before names.
         """
+        from ..data.landmark_formats import CONVERSIONS
+
         targets = list(self.backend.conversions)
-        try:
-            from ..data.landmark_formats import CONVERSIONS
-        except ImportError:  # the data package needs torch; ONNX files carry their own conversions
-            pass
-        else:
-            targets += [dst for src, dst in CONVERSIONS if src == self.definition.name.upper()]
+        targets += [dst for src, dst in CONVERSIONS if src == self.definition.name.upper()]
         out: dict[str, LandmarkDefinition] = {}
         for fmt in dict.fromkeys(["native", *FORMAT_ALIASES, self.definition.name, *targets]):
             try:
@@ -310,11 +307,8 @@ class LandmarkDetector:
         src = self.definition.name.upper()
         if target in self.backend.conversions:
             return self.backend.conversions[target]
-        try:
-            from ..data.landmark_formats import conversion_matrix
-        except ImportError as exc:  # the data package needs torch; ONNX files carry their own
-            raise ValueError(f"no stored conversion {src}->{target} in this model file, and "
-                             f"staralign.data.landmark_formats cannot be imported ({exc})") from exc
+        from ..data.landmark_formats import conversion_matrix
+
         try:
             return conversion_matrix(src, target)
         except KeyError as exc:

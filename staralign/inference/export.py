@@ -66,15 +66,12 @@ def output_names(with_ambiguity: bool) -> list[str]:
 def onnx_metadata(model: nn.Module, with_ambiguity: bool) -> dict[str, Any]:
     """The JSON record stored in the file: everything inference needs besides the graph."""
     definition = model.definition
-    conversions: dict[str, list] = {}
-    try:
-        from ..data.landmark_formats import CONVERSIONS, conversion_matrix
+    from ..data.landmark_formats import CONVERSIONS, conversion_matrix
 
-        for src, dst in CONVERSIONS:
-            if src == definition.name.upper() and CONVERSIONS[(src, dst)][0] == definition.num_points:
-                conversions[dst] = conversion_matrix(src, dst).tolist()
-    except ImportError:  # the data package is optional here: conversions are a convenience
-        pass
+    conversions: dict[str, list] = {}
+    for src, dst in CONVERSIONS:
+        if src == definition.name.upper() and CONVERSIONS[(src, dst)][0] == definition.num_points:
+            conversions[dst] = conversion_matrix(src, dst).tolist()
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
