@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import AnnotationError, read_annotations, resolve_image_path
+from .converters import FACE_SIZE
 
 __all__ = ["add_arguments", "check_dataset", "run"]
 
@@ -74,7 +75,7 @@ def check_dataset(
     # Crop parameters against the landmarks.
     for a in rows:
         lm = a.landmarks.astype(np.float64)
-        crop = a.scale * 200.0
+        crop = a.scale * FACE_SIZE
         extent = float(max(np.ptp(lm[:, 0]), np.ptp(lm[:, 1]), 1e-6))
         ratio = crop / extent
         if not CROP_RATIO_RANGE[0] <= ratio <= CROP_RATIO_RANGE[1]:
@@ -113,7 +114,7 @@ def check_dataset(
                 problems.append(AnnotationError(source, a.line, "image_path", f"{resolved[a.image_path]}: {error}"))
                 continue
             h, w = size
-            far = margin * a.scale * 200.0
+            far = margin * a.scale * FACE_SIZE
             lm = a.landmarks
             outside = ((lm[:, 0] < -far) | (lm[:, 0] > w - 1 + far) | (lm[:, 1] < -far) | (lm[:, 1] > h - 1 + far))
             if outside.any():

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..definitions import LandmarkDefinition
+from .converters import FACE_SIZE  # ``scale`` is the face size in units of 200 pixels
 
 __all__ = [
     "GeometryAugment",
@@ -60,7 +61,6 @@ __all__ = [
 
 ArrayLike = TypeVar("ArrayLike", np.ndarray, Tensor)
 
-FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
 
 
 # --------------------------------------------------------------------------- matrices

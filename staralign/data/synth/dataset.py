@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import yaml
 
+from ..._io import atomic_write
 from ...definitions import get_definition
 from ..annotations import WFLW_TAGS, Annotation, five_points_from_landmarks, write_annotations
 from .cli import IMAGE_FORMATS
@@ -196,8 +197,7 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
             "visible": "{split}_visible.npy",
         },
     }
-    with open(out / "synth.yaml", "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config, fh, sort_keys=False)
+    atomic_write(out / "synth.yaml", yaml.safe_dump(config, sort_keys=False))  # written last: data complete
     return {"out_dir": str(out), **counts, "seconds": seconds,
             "images_per_second": total / seconds if seconds > 0 else float("inf")}
 
