@@ -61,7 +61,6 @@ __all__ = [
     "curve_plan",
     "edge_maps",
     "edge_maps_torch",
-    "edge_polyline",
     "fit_edge_curve",
     "fit_edge_curve_torch",
     "point_maps",
@@ -483,12 +482,6 @@ def fit_edge_curve_torch(points: Tensor, closed: bool, density: int = SPLINE_DEN
     """
     plan = CurvePlan(((tuple(range(points.shape[1])), closed),), density)
     return plan.curves_torch(points)
-
-
-def edge_polyline(points: np.ndarray, closed: bool, image_size: int = 256) -> np.ndarray:
-    """Integer canvas vertices of one edge as the original draws them: spline, clip, round(4 p)."""
-    curve = np.clip(fit_edge_curve(points, closed), 0, image_size - 1)
-    return np.floor(curve * CANVAS_SCALE + 0.5).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- edge maps (numpy)

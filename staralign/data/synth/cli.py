@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     if not quiet:
-        print(f"\rsynth: wrote {summary['train']} train + {summary['test']} test faces to "
+        print(f"synth: wrote {summary['train']} train + {summary['test']} test faces to "
               f"{summary['out_dir']} in {summary['seconds']:.1f} s "
               f"({summary['images_per_second']:.0f} faces/s)")
     return 0
