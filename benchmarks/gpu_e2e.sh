@@ -18,7 +18,7 @@ j() { echo "== $1 $(date +%T)" >> "$OUT/suite.log"; local name=$1; shift
   timeout 150 "$@" 2>>"$OUT/suite.log" | tail -n 1 | sed "s/^{/{\"name\": \"$name\", /" | tee -a "$LOG" | cut -c1-300; }
 echo "== GPU-only tests $(date +%T)" >> "$OUT/suite.log"
 if [ "$DEVICE" = cuda ]; then
-  timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_graphed_step.py tests/test_model_speed.py \
+  timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_graphed_step.py tests/test_engine.py tests/test_model_speed.py \
     -k cuda > "$OUT/pytest_cuda.txt" 2>&1; tail -n 3 "$OUT/pytest_cuda.txt"
 fi
 T="bench train --device $DEVICE --batch-size $B $M --targets none --cudnn-benchmark --json"
