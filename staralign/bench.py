@@ -383,8 +383,8 @@ def _write_bench_dataset(folder, definition, count: int, size: int, seed: int):
     import cv2
     import numpy as np
 
+    from .crop import box_to_crop
     from .data.annotations import Annotation, five_points_from_landmarks, write_annotations
-    from .data.converters import box_to_crop
 
     rng = np.random.default_rng(seed)
     anns = []

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..crop import FACE_SIZE
 from .annotations import AnnotationError, read_annotations, resolve_image_path
-from .converters import FACE_SIZE
 
 __all__ = ["add_arguments", "check_dataset", "run"]
 

@@ -4,7 +4,7 @@
 
 Crop parameters, as the authors state them: ``scale = min(box width, box height) /
 200 * 1.05`` and the centre is the box centre; 300W has no boxes, so the
-landmarks' bounding box is used.  The 5-point column holds the definition's
+landmarks' bounding box is used (the rule lives in :mod:`staralign.crop`).  The 5-point column holds the definition's
 ``five_points`` (eye centres, nose tip, mouth corners).
 
 Coordinates: WFLW lists 0-based pixel coordinates and is copied as is.  300W's
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..crop import BOX_MARGIN, FACE_SIZE, box_to_crop, landmark_box  # the crop convention
 from ..definitions import LandmarkDefinition, get_definition
 from .annotations import (
     WFLW_TAGS,
@@ -57,18 +58,10 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG", ".BMP")
 # Test subsets of WFLW, named by the attribute flag (column order of the official lists).
 WFLW_SUBSETS = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
-BOX_MARGIN = 1.05  # the authors' margin on the face box
-FACE_SIZE = 200.0  # ``scale`` is the face size in units of 200 pixels
 
 
 class RawFormatError(AnnotationError):
     """A malformed raw annotation file: names the file, the line (or variable) and the field."""
-
-
-def box_to_crop(x1: float, y1: float, x2: float, y2: float) -> tuple[float, tuple[float, float]]:
-    """Face box corners -> (scale, (center_w, center_h)) as the authors define them."""
-    scale = min(x2 - x1, y2 - y1) / FACE_SIZE * BOX_MARGIN
-    return float(scale), (float((x1 + x2) / 2.0), float((y1 + y2) / 2.0))
 
 
 def _annotation(image_path: str, landmarks: np.ndarray, box: Sequence[float],
@@ -233,11 +226,6 @@ def _image_for(pts_path: Path) -> Path:
     raise FileNotFoundError(f"{pts_path}: no image next to it (tried {', '.join(IMAGE_EXTENSIONS)})")
 
 
-def _landmark_box(lm: np.ndarray) -> tuple[float, float, float, float]:
-    (x1, y1), (x2, y2) = lm.min(0), lm.max(0)
-    return float(x1), float(y1), float(x2), float(y2)
-
-
 def _read_300w_folder(folder: Path, root: Path, d: LandmarkDefinition, one_based: bool) -> list[Annotation]:
     out = []
     files = sorted(folder.glob("*.pts"))
@@ -246,7 +234,7 @@ def _read_300w_folder(folder: Path, root: Path, d: LandmarkDefinition, one_based
     for f in files:
         lm = read_pts(f, d.num_points) - (1.0 if one_based else 0.0)
         image = _image_for(f)
-        out.append(_annotation(image.relative_to(root).as_posix(), lm, _landmark_box(lm), d,
+        out.append(_annotation(image.relative_to(root).as_posix(), lm, landmark_box(lm), d,
                                source=str(f), line=0))
     return out
 

@@ -1,6 +1,7 @@
 """Geometry and augmentation of one face sample, every random draw from an explicit generator.
 
-Conventions (those of the authors' code):
+Conventions (those of the authors' code; the crop and normalisation rules live in
+:mod:`staralign.crop` and are re-exported here):
 
 * Points are (x, y) pixel coordinates whose integer values are pixel centres, so a
   crop of side S spans [-0.5, S - 0.5]; matrices are 3x3 and act on column vectors
@@ -35,10 +36,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import crop as _crop
+from ..crop import (  # the crop convention's home; re-exported here for training code
+    FACE_SIZE,
+    compose_rotate_scale,
+    denormalize_points,
+    normalize_points,
+)
 from ..definitions import LandmarkDefinition
-from .converters import FACE_SIZE  # ``scale`` is the face size in units of 200 pixels
 
 __all__ = [
+    "FACE_SIZE",
     "GeometryAugment",
     "TextureAugment",
     "apply_texture",
@@ -66,31 +74,10 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, Tensor)
 # --------------------------------------------------------------------------- matrices
 
 
-def compose_rotate_scale(
-    angle: float,
-    scale: float,
-    shift: tuple[float, float],
-    from_center: tuple[float, float],
-    to_center: tuple[float, float],
-) -> np.ndarray:
-    """(3, 3) float64: rotate by ``angle`` (radians) and scale about ``from_center``,
-    landing on ``to_center + shift``."""
-    c, s = scale * math.cos(angle), scale * math.sin(angle)
-    fx, fy = from_center
-    tx, ty = to_center
-    return np.array([
-        [c, -s, tx - c * fx + s * fy + shift[0]],
-        [s, c, ty - s * fx - c * fy + shift[1]],
-        [0.0, 0.0, 1.0],
-    ])
-
-
-def crop_matrix(scale: float, center_w: float, center_h: float, size: int = 256) -> np.ndarray:
-    """(3, 3) float32 map from image pixels to the crop: the face box to the crop's middle."""
-    half = (size - 1) / 2.0
-    zoom = size / (scale * FACE_SIZE)
-    return compose_rotate_scale(0.0, zoom, (0.0, 0.0), (center_w, center_h), (half, half)).astype(
-        np.float32)
+def crop_matrix(scale: float, center_w: float, center_h: float, size: int = 256,
+                angle: float = 0.0) -> np.ndarray:
+    """(3, 3) float32 map from image pixels to the crop (:func:`staralign.crop.crop_matrix`)."""
+    return _crop.crop_matrix(scale, center_w, center_h, size, angle).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -172,25 +159,12 @@ def crop_to_image(points: ArrayLike, matrix: ArrayLike) -> ArrayLike:
     return transform_points(np.asarray(points, np.float64), invert_affine(np.asarray(matrix, np.float64)))
 
 
-def normalize_points(points: ArrayLike, size: int = 256) -> ArrayLike:
-    """Crop pixels -> [-1, 1] (align_corners=False), clamped as the original does."""
-    if isinstance(points, Tensor):
-        return ((points * 2 + 1) / size - 1).clamp(-1, 1)
-    return np.clip((np.asarray(points) * 2 + 1) / size - 1, -1, 1)
-
-
-def denormalize_points(points: ArrayLike, size: int = 256) -> ArrayLike:
-    """[-1, 1] -> crop pixels: the inverse of :func:`normalize_points` (before its clamp)."""
-    return ((points + 1) * size - 1) / 2
-
-
 # --------------------------------------------------------------------------- images
 
 
 def warp_image(image: np.ndarray, matrix: np.ndarray, size: int = 256) -> np.ndarray:
     """Bilinear warp of an 8-bit image into a size x size crop, black outside the image."""
-    return cv2.warpAffine(image, np.asarray(matrix, np.float32)[:2], (size, size),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return _crop.warp_to_crop(image, matrix, size)
 
 
 def image_to_tensor(image: np.ndarray, normalize: bool = True) -> Tensor:
@@ -205,7 +179,8 @@ def normalize_image(images: Tensor) -> Tensor:
     the network's input; float input is taken as already normalised and returned unchanged."""
     if images.dtype != torch.uint8:
         return images
-    return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(127.5).div_(127.5)
+    return images.to(torch.float32, memory_format=torch.contiguous_format).sub_(_crop.PIXEL_MEAN).div_(
+        _crop.PIXEL_SCALE)
 
 
 def network_input(images: Tensor, channels_last: bool = False) -> Tensor:

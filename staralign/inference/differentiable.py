@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..crop import BOX_MARGIN
 from ..data.transforms import crop_to_image, denormalize_points, invert_affine
 from ..heatmaps import heatmap_moments
-from .geometry import BOX_MARGIN
 
 __all__ = ["DifferentiableLandmarks", "LandmarkResult", "boxes_to_matrices", "crop_theta", "differentiable_crop"]
 

@@ -1,30 +1,32 @@
 """Face box -> model crop -> image pixels, in numpy only (the ONNX path must not import torch).
 
-The conventions are the dataset's (``staralign.data.transforms`` and the
-converters).  The box -> crop rule and its constants come from the (torch-free)
-converters themselves; the rest is repeated here without ``transforms``' torch
-import, and ``tests/test_inference.py`` checks that both give the same numbers:
+The conventions are the dataset's and live in :mod:`staralign.crop` (torch-free);
+this module adapts them to inference's needs (boxes as tuples, validation, the
+network's batch layout, covariances).  In short:
 
 * points are (x, y) with integer values at pixel centres; a box ``(x1, y1, x2, y2)``
   is in the same frame, so the box of a whole W x H image is
   ``(-0.5, -0.5, W - 0.5, H - 0.5)``;
 * ``scale = min(x2 - x1, y2 - y1) / 200 * 1.05``, centre = box centre;
-* the crop scales by ``S / (scale * 200)`` about the centre and puts it at
+* the crop scales by ``S / (scale * 200)`` about the centre, turns by ``-angle``
+  (the face's roll in degrees, 0 for box crops) and puts the centre at
   ``((S - 1) / 2, (S - 1) / 2)``; the image is warped with OpenCV's bilinear
   ``warpAffine``, black outside;
 * the network's normalised landmarks ``n`` are crop pixels ``((n + 1) S - 1) / 2``
   (align_corners=False), so one normalised unit is ``S / 2`` crop pixels.
+
+Landmarks and covariances go back through the inverse of the full crop matrix,
+so a rotated crop's results are rotated back into the photo.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
 
-from ..data.converters import BOX_MARGIN, FACE_SIZE
-from ..data.converters import box_to_crop as _dataset_box_to_crop
+from .. import crop as _crop
+from ..crop import BOX_MARGIN, FACE_SIZE
 
 __all__ = [
     "BOX_MARGIN",
@@ -53,33 +55,30 @@ def box_to_crop(box: Sequence[float]) -> tuple[float, tuple[float, float]]:
     x1, y1, x2, y2 = (float(v) for v in box)
     if not min(x2 - x1, y2 - y1) > 0:
         raise ValueError(f"face box {tuple(box)} is empty (x2 <= x1 or y2 <= y1)")
-    return _dataset_box_to_crop(x1, y1, x2, y2)
+    return _crop.box_to_crop(x1, y1, x2, y2)
 
 
-def crop_matrix(scale: float, center: Sequence[float], size: int) -> np.ndarray:
-    """(3, 3) float64 map from image pixels to the ``size`` x ``size`` crop."""
-    zoom = size / (scale * FACE_SIZE)
-    half = (size - 1) / 2.0
-    cx, cy = float(center[0]), float(center[1])
-    return np.array([[zoom, 0.0, half - zoom * cx], [0.0, zoom, half - zoom * cy], [0.0, 0.0, 1.0]])
+def crop_matrix(scale: float, center: Sequence[float], size: int, angle: float = 0.0) -> np.ndarray:
+    """(3, 3) float64 map from image pixels to the ``size`` x ``size`` crop (``angle``: the
+    face's roll in degrees, undone by the crop)."""
+    return _crop.crop_matrix(scale, float(center[0]), float(center[1]), size, angle)
 
 
 def crop_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """Bilinear warp of an 8-bit BGR image into the crop (the dataset's warp, black outside)."""
-    return cv2.warpAffine(image, np.asarray(matrix, np.float32)[:2], (size, size),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return _crop.warp_to_crop(image, matrix, size)
 
 
 def crops_to_input(crops: Sequence[np.ndarray]) -> np.ndarray:
     """HxWx3 uint8 BGR crops -> (B, 3, S, S) float32 network input, ``(pixel - 127.5) / 127.5``."""
     batch = np.stack([np.asarray(c) for c in crops]).astype(np.float32)
-    batch = (batch - np.float32(127.5)) / np.float32(127.5)
+    batch = (batch - np.float32(_crop.PIXEL_MEAN)) / np.float32(_crop.PIXEL_SCALE)
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
 
 def denormalize_points(points: np.ndarray, size: int) -> np.ndarray:
     """Normalised [-1, 1] (align_corners=False) -> crop pixels."""
-    return ((np.asarray(points, np.float64) + 1.0) * size - 1.0) / 2.0
+    return _crop.denormalize_points(np.asarray(points, np.float64), size)
 
 
 def points_to_image(normalized: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..converters import BOX_MARGIN, FACE_SIZE
+from ...crop import BOX_MARGIN, FACE_SIZE
 from .geometry import Face, build_face, point_kinds
 from .labels import curve_tangents
 from .params import FaceParams, Occluder, face_tags, sample_params
