@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "staralign.engine.cli",
     "staralign.engine.test_cli",
     "staralign.experiments.cli",
+    "staralign.hub_cli",
     "staralign.inference.cli",
     "staralign.web.cli",
 ]

@@ -34,19 +34,19 @@ The module imports neither torch nor numpy; STAR verification loads torch when i
 from __future__ import annotations
 
 import hashlib
-import http.cookiejar
 import os
 import re
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import urllib.request
 
 from .cli import UserError
 
@@ -57,6 +57,7 @@ __all__ = [
     "RemoteFile",
     "Unavailable",
     "VerificationError",
+    "WEIGHTS_HELP",
     "cache_dir",
     "cached_path",
     "fetch",
@@ -66,6 +67,9 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "wflw"
+# The --weights help of every command that reads a model (predict, serve, export, test).
+WEIGHTS_HELP = ("a published model's name (wflw, 300w, cofw; downloaded once into the cache, see "
+                "'staralign models') or a weights file: official .pkl, staralign .safetensors")
 _CHUNK = 1 << 16
 _TIMEOUT_S = 60.0
 _USER_AGENT = "staralign (https://github.com/ZhenglinZhou/STAR weights fetcher)"
@@ -232,6 +236,8 @@ def _unavailable(remote: RemoteFile, target: Path, why: str) -> Unavailable:
 
 
 def _download(remote: RemoteFile, url: str, target: Path, *, progress: bool) -> None:
+    import urllib.error  # here, not at the top: urllib.request is slow to import for --help
+
     tmp = target.with_name(f".{target.name}.part{os.getpid()}")
     try:
         try:
@@ -253,12 +259,17 @@ def _short(url: str) -> str:
 
 
 def _opener() -> urllib.request.OpenerDirector:
+    import http.cookiejar
+    import urllib.request
+
     # A cookie jar: Google Drive's confirmation flow may set its token as a cookie.
     return urllib.request.build_opener(
         urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
 
 
 def _fetch_to(url: str, tmp: Path, remote: RemoteFile, *, progress: bool) -> None:
+    import urllib.request
+
     opener = _opener()
     for _attempt in range(3):  # the file, or a confirmation page then the file
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
@@ -322,6 +333,8 @@ def _google_drive_confirmation(
 ) -> str | None:
     """The URL that confirms a Google Drive download, read from its warning page; None if
     the page offers none (quota exceeded, access denied, not a confirmation page)."""
+    import urllib.request
+
     parser = _FormParser()
     parser.feed(page)
     # Today's page: a GET form whose hidden fields (id, export, confirm, uuid) make the link.
@@ -435,9 +448,9 @@ def verify_star_checkpoint(path: str | os.PathLike, dataset: str, *, label: str 
     (``ModelConfig()``) and that dataset's landmark definition, and be finite."""
     import torch
 
+    from .config import ModelConfig
     from .definitions import get_definition
     from .models.checkpoint import CheckpointError, read_state_dict
-    from .config import ModelConfig
     from .models.hourglass import StackedHourglassNet
 
     label = label or str(path)

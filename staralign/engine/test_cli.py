@@ -23,6 +23,7 @@ __all__ = ["register", "run_test", "run_labels"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``test`` to the ``staralign`` parser."""
     from ..config import AMP_MODES
+    from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
     # --norm and --space spell out metrics.NORMS and evaluator.SPACES (a test keeps them equal):
     # importing those modules would load torch for every command's --help.
@@ -31,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate one or several checkpoints (official .pkl or staralign .safetensors) on a "
                     "test set and print the paper's table: NME, failure rate and AUC for the full set and "
                     "each subset. Several --weights are compared side by side.")
-    p.add_argument("--weights", required=True, nargs="+", metavar="CKPT",
-                   help="checkpoint(s) to evaluate; several are compared in one table and one CED plot")
+    p.add_argument("--weights", nargs="+", metavar="NAME|FILE",
+                   help=f"checkpoint(s) to evaluate, each {WEIGHTS_HELP}; several are compared in one table "
+                        f"and one CED plot (default: {DEFAULT_MODEL})")
     p.add_argument("--data-definition", "--data_definition", dest="definition", metavar="D",
                    help="WFLW, 300W, COFW, 300VW or a definition file (default: the first checkpoint's)")
     p.add_argument("--image-dir", "--image_dir", dest="image_dir", metavar="DIR",
@@ -106,9 +108,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--annot-dir {args.annot_dir}: no such directory")
     if args.image_dir is not None and not Path(args.image_dir).is_dir():
         raise UserError(f"--image-dir {args.image_dir}: no such directory")
-    for w in args.weights:
-        if not Path(w).is_file():
-            raise UserError(f"--weights {w}: no such checkpoint file")
+    from ..hub import resolve_weights
+
+    # Each a file or a published model's name (fetched into the cache once); none: the default model.
+    args.weights = [str(resolve_weights(w)) for w in (args.weights or [None])]
 
 
 def _load(path: str, definition: Any, args: argparse.Namespace):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write
+from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
 __all__ = ["register", "run_export", "run_predict"]
 
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Find faces and their landmarks in images, folders (searched recursively) and "
                     "videos; write annotated copies and/or one JSON file.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image, video or folder")
-    p.add_argument("--weights", required=True, metavar="CKPT",
-                   help="official .pkl, staralign .safetensors, or an exported .onnx (no torch needed)")
+    p.add_argument("--weights", metavar="NAME|FILE",
+                   help=f"{WEIGHTS_HELP}, or an exported .onnx (no torch needed); default: {DEFAULT_MODEL}")
     p.add_argument("--detector", choices=DETECTOR_CHOICES, default="opencv",
                    help="face detector: opencv (Haar cascade, no download; default), none (each image is "
                         "one cropped face), dlib or mediapipe (if installed)")
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export a model to ONNX, checked against PyTorch with onnxruntime",
         description="Export to one self-contained .onnx file (landmark definition and input size in its "
                     "metadata) and check it against PyTorch with onnxruntime; exit 1 if they differ.")
-    e.add_argument("--weights", required=True, metavar="CKPT", help="official .pkl or staralign .safetensors")
+    e.add_argument("--weights", metavar="NAME|FILE", help=f"{WEIGHTS_HELP}; default: {DEFAULT_MODEL}")
     e.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file")
     e.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch 1)")
     e.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default 18)")
@@ -233,6 +234,7 @@ class _Predictor:
 def run_predict(args: argparse.Namespace) -> int:
     """``staralign predict``: see the module docstring."""
     from ..cli import UserError
+    from ..hub import resolve_weights
     from .detector import LandmarkDetector
     from .faces import FaceDetectorError
     from .inputs import collect_inputs
@@ -241,6 +243,7 @@ def run_predict(args: argparse.Namespace) -> int:
     boxes = [_parse_box(b) for b in args.box] if args.box else None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    args.weights = str(resolve_weights(args.weights))  # a name is fetched into the cache once
     items, missing = collect_inputs(args.inputs)
     errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
     try:
@@ -291,9 +294,11 @@ def run_export(args: argparse.Namespace) -> int:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise UserError(f"ONNX export needs onnx and onnxruntime: pip install 'staralign[onnx]' ({exc})") from exc
+    from ..hub import resolve_weights
     from ..models import load_model
     from .export import DEFAULT_OPSET, export_onnx
 
+    args.weights = str(resolve_weights(args.weights))
     try:
         model = load_model(args.weights, ema=args.ema, allow_pickle=args.allow_pickle)
     except ValueError as exc:  # CheckpointError, DefinitionError

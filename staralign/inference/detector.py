@@ -179,6 +179,18 @@ class LandmarkDetector:
         return cls(backend, detector=detector, format=format, batch_size=batch_size)
 
     @classmethod
+    def from_pretrained(cls, name: str = "wflw", **kwargs: Any) -> LandmarkDetector:
+        """From a published model's name (``"wflw"``, ``"300w"``, ``"cofw"``) or a weights path.
+
+        The authors' file is downloaded into the cache on first use and verified
+        (see :mod:`staralign.hub` and ``staralign models``); later calls read the cached
+        file with no network access.  ``kwargs`` go to :meth:`from_checkpoint`.
+        """
+        from ..hub import resolve_weights
+
+        return cls.from_checkpoint(resolve_weights(name), **kwargs)
+
+    @classmethod
     def from_onnx(cls, path: str | os.PathLike, detector: str | FaceDetector | None = "opencv",
                   format: str = "native", providers: list[str] | None = None,
                   batch_size: int = 8) -> LandmarkDetector:

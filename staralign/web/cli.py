@@ -20,6 +20,7 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``staralign`` parser."""
+    from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
     from ..inference.cli import DETECTOR_CHOICES
 
     p = subparsers.add_parser(
@@ -27,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a web page (and a JSON API) that finds faces, landmarks and ambiguity ellipses in "
                     "uploaded photos or webcam frames. Listens on 127.0.0.1 only unless --host says otherwise. "
                     "Needs the web extra: pip install 'staralign[web]'.")
-    p.add_argument("--weights", required=True, metavar="CKPT",
-                   help="official .pkl, staralign .safetensors, or an exported .onnx")
+    p.add_argument("--weights", metavar="NAME|FILE",
+                   help=f"{WEIGHTS_HELP}, or an exported .onnx; default: {DEFAULT_MODEL}")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -95,10 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
 
+    from ..hub import resolve_weights
     from ..inference.detector import LandmarkDetector
     from ..inference.faces import FaceDetectorError
     from .app import Limits, create_app
 
+    args.weights = str(resolve_weights(args.weights))  # a name is fetched into the cache once
     try:
         det = LandmarkDetector.from_checkpoint(args.weights, device=args.device, detector=args.detector,
                                                allow_pickle=args.allow_pickle, ema=args.ema)
