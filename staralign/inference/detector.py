@@ -6,10 +6,15 @@
     det = LandmarkDetector.from_checkpoint("WFLW_STARLoss_NME_4_02_FR_2_32_AUC_0_605.pkl")
     faces = det.detect("photo.jpg")          # [Face(box, landmarks, score, ambiguity)]
 
-Steps per image: find faces (:mod:`~staralign.inference.faces`), frame each box
-like the training crops, warp it to the network's input, run the network
-(PyTorch, or onnxruntime for ``.onnx`` files), and map the landmarks and their
-heatmap covariances back to the original image's pixels.  This module imports
+Steps per image: find faces (:mod:`~staralign.inference.faces`), place each crop
+like the training crops (from YuNet's five keypoints: centre, scale and roll, so a
+tilted face reaches the network upright; from other detectors' boxes: centre and
+scale), warp it to the network's input, run the network (PyTorch, or onnxruntime
+for ``.onnx`` files), and map the landmarks and their heatmap covariances back to
+the original image's pixels.  With ``refine=True`` a second pass re-crops each face
+from the first pass's landmarks by the training convention
+(:func:`staralign.crop.upright_landmark_crop`).  A network whose output is not
+finite (broken weights) raises :class:`ModelOutputError` naming the weights.  This module imports
 neither torch nor onnxruntime itself: the backend does, so the ONNX path runs
 without torch.
 """
@@ -25,15 +30,21 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._io import finite_json
+from ..cli import UserError
+from ..crop import upright_landmark_crop
 from ..definitions import LandmarkDefinition, get_definition
 from . import geometry
-from .faces import FaceDetector, FixedBoxes, framing_of, get_face_detector
+from .faces import FaceDetector, FixedBoxes, framing_of, get_face_detector, keypoint_frame, unpack_detection
 from .inputs import as_bgr
 
-__all__ = ["FORMAT_ALIASES", "Ambiguity", "Backend", "Face", "LandmarkDetector"]
+__all__ = ["FORMAT_ALIASES", "Ambiguity", "Backend", "Face", "LandmarkDetector", "ModelOutputError"]
 
 # Output layouts by a friendlier name: ``format="68"`` is 300W's 68 points.
 FORMAT_ALIASES = {"68": "300W", "98": "WFLW", "29": "COFW"}
+
+
+class ModelOutputError(UserError):
+    """The network gave NaN or infinite landmarks: its weights are broken (e.g. a diverged run)."""
 
 
 class Backend(Protocol):
@@ -93,8 +104,11 @@ def _round(a: np.ndarray, digits: int = 3) -> list:
 class Face:
     """One face: the detector's ``box`` (x1, y1, x2, y2), ``landmarks`` (N, 2) in original image
     pixels (pixel centres at integers), the detector's ``score`` (None for given boxes), the
-    per-landmark ``ambiguity`` (None when not computed), the landmark ``layout`` name, and the
-    crop the network saw (``scale``, ``center``: the dataset's convention)."""
+    per-landmark ``ambiguity`` (None when not computed), the landmark ``layout`` name, the
+    crop the network saw (``scale``, ``center``: the dataset's convention; ``angle``: the
+    face's roll in degrees, which the crop undid; ``refined``: placed from a first pass's
+    landmarks), and the detector's five ``keypoints`` (5, 2) when it gives them (right eye,
+    left eye, nose tip, right and left mouth corner), else None."""
 
     box: tuple[float, float, float, float]
     landmarks: np.ndarray
@@ -103,6 +117,9 @@ class Face:
     layout: str = ""
     scale: float = 0.0
     center: tuple[float, float] = field(default=(0.0, 0.0))
+    angle: float = 0.0
+    keypoints: np.ndarray | None = None
+    refined: bool = False
 
     def to_dict(self, ambiguity: bool = True) -> dict[str, Any]:
         """Plain JSON types: lists of floats, None as null (also for NaN or infinite values,
@@ -112,7 +129,9 @@ class Face:
             "score": None if self.score is None else round(float(self.score), 4),
             "layout": self.layout,
             "landmarks": _round(self.landmarks),
-            "crop": {"scale": round(float(self.scale), 5), "center": [round(float(c), 3) for c in self.center]},
+            "crop": {"scale": round(float(self.scale), 5), "center": [round(float(c), 3) for c in self.center],
+                     "angle": round(float(self.angle), 3), "refined": bool(self.refined)},
+            "keypoints": None if self.keypoints is None else _round(self.keypoints, 2),
         }
         if ambiguity and self.ambiguity is not None:
             out["ambiguity"] = self.ambiguity.to_dict()
@@ -145,17 +164,21 @@ class LandmarkDetector:
 
     Build it with :meth:`from_checkpoint` (official ``.pkl``, staralign
     ``.safetensors`` or exported ``.onnx``), :meth:`from_onnx` or :meth:`from_model`.
-    ``detector`` is a face detector name (``"opencv"``, ``"none"``, ``"dlib"``,
-    ``"mediapipe"``) or any callable ``image -> [(box, score)]``; it is created when
-    first needed, so an image with a given ``box`` never needs it.  ``format`` is
+    ``detector`` is a face detector name (``"yunet"``, ``"opencv"``, ``"none"``,
+    ``"dlib"``, ``"mediapipe"``) or any callable ``image -> [(box, score[, keypoints])]``;
+    it is created when first needed, so an image with a given ``box`` never needs it.
+    ``weights`` names the model in error messages (set by the ``from_*`` constructors).  ``format`` is
     the default output layout: ``"native"`` or ``"68"`` (300W's points from a WFLW model).
     """
 
-    def __init__(self, backend: Backend, detector: str | FaceDetector | None = "opencv",
-                 format: str = "native", batch_size: int = 8, ambiguity: bool = True) -> None:
+    def __init__(self, backend: Backend, detector: str | FaceDetector | None = "yunet",
+                 format: str = "native", batch_size: int = 8, ambiguity: bool = True,
+                 weights: str | None = None) -> None:
         self.backend = backend
+        self.weights = weights or f"the {getattr(backend, 'name', 'in-memory')} model"
         self._detector_spec = detector
         self._detector: FaceDetector | None = None
+        self._named_detectors: dict[str, FaceDetector] = {}
         self.format = _canonical_format(format, backend.definition.name)
         self.batch_size = max(1, int(batch_size))
         self.ambiguity = bool(ambiguity)
@@ -166,7 +189,7 @@ class LandmarkDetector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
-                        detector: str | FaceDetector | None = "opencv", allow_pickle: bool = False,
+                        detector: str | FaceDetector | None = "yunet", allow_pickle: bool = False,
                         ema: bool = False, format: str = "native", definition: Any = None,
                         batch_size: int = 8) -> LandmarkDetector:
         """From a weights file; ``.onnx`` files go to :meth:`from_onnx` (no torch needed)."""
@@ -176,7 +199,7 @@ class LandmarkDetector:
 
         backend = TorchBackend.from_checkpoint(path, device=device, allow_pickle=allow_pickle, ema=ema,
                                                definition=definition)
-        return cls(backend, detector=detector, format=format, batch_size=batch_size)
+        return cls(backend, detector=detector, format=format, batch_size=batch_size, weights=str(path))
 
     @classmethod
     def from_pretrained(cls, name: str = "wflw", **kwargs: Any) -> LandmarkDetector:
@@ -191,22 +214,23 @@ class LandmarkDetector:
         return cls.from_checkpoint(resolve_weights(name), **kwargs)
 
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike, detector: str | FaceDetector | None = "opencv",
+    def from_onnx(cls, path: str | os.PathLike, detector: str | FaceDetector | None = "yunet",
                   format: str = "native", providers: list[str] | None = None,
                   batch_size: int = 8) -> LandmarkDetector:
         """From a file written by ``staralign export``, run by onnxruntime; never imports torch."""
         from .onnx_backend import OnnxBackend
 
         return cls(OnnxBackend(path, providers=providers), detector=detector, format=format,
-                   batch_size=batch_size)
+                   batch_size=batch_size, weights=str(path))
 
     @classmethod
-    def from_model(cls, model: Any, device: str = "auto", detector: str | FaceDetector | None = "opencv",
+    def from_model(cls, model: Any, device: str = "auto", detector: str | FaceDetector | None = "yunet",
                    format: str = "native", batch_size: int = 8) -> LandmarkDetector:
         """From a network already in memory (e.g. right after training)."""
         from .torch_backend import TorchBackend
 
-        return cls(TorchBackend(model, device), detector=detector, format=format, batch_size=batch_size)
+        return cls(TorchBackend(model, device), detector=detector, format=format, batch_size=batch_size,
+                   weights="the model passed to from_model")
 
     # ------------------------------------------------------------------ properties
 
@@ -226,61 +250,119 @@ class LandmarkDetector:
             self._detector = get_face_detector(self._detector_spec)
         return self._detector
 
+    def face_detector_for(self, detector: str | FaceDetector | None = None) -> FaceDetector:
+        """This detector's own face detector (``detector`` None), or another one by name or object;
+        named ones are created once and kept (e.g. the web page's per-image choice)."""
+        if detector is None or detector == self._detector_spec:
+            return self.face_detector
+        if isinstance(detector, str):
+            if detector not in self._named_detectors:
+                self._named_detectors[detector] = get_face_detector(detector)
+            return self._named_detectors[detector]
+        return get_face_detector(detector)
+
     # ------------------------------------------------------------------ detection
 
-    def find_faces(self, image: np.ndarray, box: Any = None) -> list[tuple[tuple[float, ...], float | None]]:
-        """``(box, score)`` of the faces in a BGR image: the given boxes, or the detector's."""
+    def find_faces(self, image: np.ndarray, box: Any = None,
+                   detector: str | FaceDetector | None = None) -> list[tuple]:
+        """``(box, score[, keypoints])`` of the faces in a BGR image: the given boxes, or the
+        face detector's (``detector``: another one than this detector's own)."""
         boxes = _boxes_of(box)
         if boxes is not None:
             return [(b, None) for b in boxes]
-        return list(self.face_detector(image))
+        return list(self.face_detector_for(detector)(image))
 
     def detect(self, image: Any, color: str = "bgr", box: Any = None, format: str | None = None,
-               ambiguity: bool | None = None) -> list[Face]:
+               ambiguity: bool | None = None, refine: bool = False,
+               detector: str | FaceDetector | None = None) -> list[Face]:
         """Faces in one image: a path, an array (``color`` ``"bgr"`` or ``"rgb"``) or a PIL image.
 
         ``box``: one box (x1, y1, x2, y2) or a list of them, used instead of the face
-        detector (dataset-style boxes).  No face found gives ``[]``.
+        detector (dataset-style boxes).  ``refine``: a second pass, re-cropped from the
+        first pass's landmarks (about twice the network time).  ``detector``: a face
+        detector for this call instead of this object's own.  No face found gives ``[]``.
         """
-        return self.detect_batch([image], color=color, boxes=[box], format=format, ambiguity=ambiguity)[0]
+        return self.detect_batch([image], color=color, boxes=[box], format=format, ambiguity=ambiguity,
+                                 refine=refine, detector=detector)[0]
 
     def detect_batch(self, images: Sequence[Any], color: str = "bgr", boxes: Sequence[Any] | None = None,
-                     format: str | None = None, ambiguity: bool | None = None) -> list[list[Face]]:
+                     format: str | None = None, ambiguity: bool | None = None, refine: bool = False,
+                     detector: str | FaceDetector | None = None) -> list[list[Face]]:
         """Faces in many images, with the network run on batches of ``batch_size`` crops.
 
         ``boxes``: None, or one entry per image (None, a box, or a list of boxes).
+        Raises :class:`ModelOutputError` when the network's output is not finite.
         """
         if boxes is not None and len(boxes) != len(images):
             raise ValueError(f"boxes: one entry per image expected, got {len(boxes)} for {len(images)} images")
         want_amb = self.ambiguity if ambiguity is None else bool(ambiguity)
-        size = self.input_size
         bgr = [as_bgr(im, color) for im in images]
-        jobs: list[tuple[int, tuple, float | None, np.ndarray, float, tuple[float, float]]] = []
+        jobs: list[dict[str, Any]] = []
         for i, image in enumerate(bgr):
             given = boxes[i] if boxes is not None else None
-            framing = framing_of(self.face_detector) if given is None else None
-            for found, score in self.find_faces(image, given):
-                crop_box = framing.apply(found) if framing is not None else found
-                scale, center = geometry.box_to_crop(crop_box)
-                jobs.append((i, tuple(float(v) for v in found), score,
-                             geometry.crop_matrix(scale, center, size), scale, center))
+            framing = framing_of(self.face_detector_for(detector)) if given is None else None
+            for detection in self.find_faces(image, given, detector):
+                found, score, kps = unpack_detection(detection)
+                if framing is None:  # a given, dataset-style box
+                    scale, center = geometry.box_to_crop(found)
+                    angle = 0.0
+                else:
+                    scale, center, angle = framing.place(found, kps)
+                jobs.append({"image": i, "box": found, "score": score, "keypoints": kps,
+                             "scale": scale, "center": center, "angle": angle, "refined": False})
+        outputs = self._run_network(bgr, jobs, want_amb and not refine)
+        if refine:
+            for job, (points, _) in zip(jobs, outputs, strict=True):
+                job["angle"] = self._refined_angle(points, job["angle"])
+                job["scale"], job["center"] = upright_landmark_crop(points, job["angle"])
+                job["refined"] = True
+            outputs = self._run_network(bgr, jobs, want_amb)
         target = self.format if format is None else _canonical_format(format, self.definition.name)
         m = self._conversion(target) if target != self.definition.name else None
         results: list[list[Face]] = [[] for _ in images]
+        for job, (points, cov_px) in zip(jobs, outputs, strict=True):
+            if m is not None:  # another layout: convert first, so the ambiguity is built once
+                points, cov_px = _convert_points(m, points, cov_px)
+            amb = None if cov_px is None else Ambiguity.from_covariance(cov_px)
+            results[job["image"]].append(Face(
+                job["box"], points, job["score"], amb, self.definition.name if m is None else target,
+                float(job["scale"]), (float(job["center"][0]), float(job["center"][1])),
+                float(job["angle"]), job["keypoints"], job["refined"]))
+        return results
+
+    def _run_network(self, bgr: list[np.ndarray], jobs: list[dict[str, Any]],
+                     ambiguity: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Each job's crop through the network, in batches: (landmarks, covariance or None) in
+        image pixels, the model's own layout."""
+        size = self.input_size
+        out: list[tuple[np.ndarray, np.ndarray | None]] = []
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
-            batch = geometry.crops_to_input([geometry.crop_image(bgr[j[0]], j[3], size) for j in chunk])
-            landmarks, cov = self.backend.run(batch, want_amb)
-            for k, (i, found, score, matrix, scale, center) in enumerate(chunk):
-                points = geometry.points_to_image(landmarks[k], matrix, size)
-                cov_px = None if cov is None else geometry.covariance_to_image(cov[k], matrix, size)
-                if m is not None:  # another layout: convert first, so the ambiguity is built once
-                    points, cov_px = _convert_points(m, points, cov_px)
-                amb = None if cov_px is None else Ambiguity.from_covariance(cov_px)
-                face = Face(found, points, score, amb, self.definition.name if m is None else target,
-                            float(scale), (float(center[0]), float(center[1])))
-                results[i].append(face)
-        return results
+            matrices = [geometry.crop_matrix(j["scale"], j["center"], size, j["angle"]) for j in chunk]
+            batch = geometry.crops_to_input([geometry.crop_image(bgr[j["image"]], mat, size)
+                                             for j, mat in zip(chunk, matrices, strict=True)])
+            landmarks, cov = self.backend.run(batch, ambiguity)
+            if not np.isfinite(landmarks).all() or (cov is not None and not np.isfinite(cov).all()):
+                raise ModelOutputError(
+                    f"{self.weights}: the model's output is not finite (NaN or infinite landmarks); "
+                    "its weights are broken (a diverged training run?): use another weights file")
+            for k, mat in enumerate(matrices):
+                points = geometry.points_to_image(landmarks[k], mat, size)
+                cov_px = None if cov is None else geometry.covariance_to_image(cov[k], mat, size)
+                out.append((points, cov_px))
+        return out
+
+    def _refined_angle(self, points: np.ndarray, angle: float) -> float:
+        """The face's roll from the first pass's eyes (the definition's ``five_points``); the
+        first pass's angle when the layout has none.  The eye order of a layout does not
+        matter: the eye line is taken within 90 degrees of the first pass's."""
+        groups = self.definition.five_points
+        if not groups:
+            return angle
+        five = np.stack([np.asarray(points)[np.atleast_1d(g)].mean(0) for g in groups])
+        roll = keypoint_frame(five)["angle"]
+        delta = (roll - angle + 90.0) % 180.0 - 90.0
+        return float(angle + delta)
 
     # ------------------------------------------------------------------ layouts
 
@@ -344,5 +426,6 @@ class LandmarkDetector:
             points, cov = _convert_points(m, face.landmarks,
                                           None if face.ambiguity is None else face.ambiguity.covariance)
             amb = None if cov is None else Ambiguity.from_covariance(cov)
-            out.append(Face(face.box, points, face.score, amb, target, face.scale, face.center))
+            out.append(Face(face.box, points, face.score, amb, target, face.scale, face.center, face.angle,
+                            face.keypoints, face.refined))
         return out
