@@ -62,6 +62,7 @@ __all__ = [
     "cached_path",
     "fetch",
     "is_offline",
+    "official_layout",
     "resolve_weights",
     "verify_star_checkpoint",
 ]
@@ -236,14 +237,15 @@ def _unavailable(remote: RemoteFile, target: Path, why: str) -> Unavailable:
 
 
 def _download(remote: RemoteFile, url: str, target: Path, *, progress: bool) -> None:
-    import urllib.error  # here, not at the top: urllib.request is slow to import for --help
+    import http.client  # here, not at the top: urllib.request is slow to import for --help
+    import urllib.error
 
     tmp = target.with_name(f".{target.name}.part{os.getpid()}")
     try:
         try:
             _fetch_to(url, tmp, remote, progress=progress)
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", None) or exc
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc
             raise _unavailable(remote, target, f"download from {_short(url)} failed: {reason}") from exc
         _verify(remote, tmp)
         with open(tmp, "rb") as fh:
@@ -441,17 +443,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_star_checkpoint(path: str | os.PathLike, dataset: str, *, label: str | None = None) -> None:
-    """Refuse (:class:`VerificationError`) anything but an official STAR checkpoint for
-    ``dataset``: loaded with ``weights_only=True``, its ``net`` weights must have exactly
-    the key set and shapes of our network built with the official configuration
-    (``ModelConfig()``) and that dataset's landmark definition, and be finite."""
+def official_layout(dataset: str) -> dict[str, tuple[int, ...]]:
+    """Every key of the authors' published checkpoint for ``dataset`` and its shape, from our
+    own network built with the official configuration (``ModelConfig()``) and that dataset's
+    landmark definition (on the meta device: no memory, no initialisation)."""
     import torch
 
     from .config import ModelConfig
     from .definitions import get_definition
-    from .models.checkpoint import CheckpointError, read_state_dict
     from .models.hourglass import StackedHourglassNet
+
+    with torch.device("meta"):
+        model = StackedHourglassNet(ModelConfig(definition=dataset), get_definition(dataset))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def verify_star_checkpoint(path: str | os.PathLike, dataset: str, *, label: str | None = None) -> None:
+    """Refuse (:class:`VerificationError`) anything but an official STAR checkpoint for
+    ``dataset``: loaded with ``weights_only=True``, its weights (``net``, or a bare state
+    dict) must have exactly :func:`official_layout`'s keys and shapes, all finite."""
+    import torch
+
+    from .models.checkpoint import CheckpointError, read_state_dict
 
     label = label or str(path)
     try:
@@ -460,11 +473,7 @@ def verify_star_checkpoint(path: str | os.PathLike, dataset: str, *, label: str 
         raise VerificationError(f"{label}: not a STAR checkpoint: {exc}; refused and not kept") from exc
     if info is not None:
         raise VerificationError(f"{label}: a staralign file, not the authors' checkpoint; refused and not kept")
-    with torch.device("meta"):
-        model = StackedHourglassNet(ModelConfig(definition=dataset), get_definition(dataset))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    problem = _layout_difference(expected, got)
+    problem = _layout_difference(official_layout(dataset), {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise VerificationError(
             f"{label}: not the official {dataset} STAR checkpoint ({problem}); refused and not kept")

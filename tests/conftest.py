@@ -35,3 +35,30 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(tmp_path_factory, monkeypatch):
+    # Tests never reach beyond 127.0.0.1: every test starts with an empty download cache
+    # and STARALIGN_OFFLINE set; tests of downloads (tests/test_hub.py) lift it and serve
+    # files from a local server.  A test needing a cached file copies it into the cache.
+    monkeypatch.setenv("STARALIGN_CACHE", str(tmp_path_factory.mktemp("staralign_cache")))
+    monkeypatch.setenv("STARALIGN_OFFLINE", "1")
+    monkeypatch.delenv("STARALIGN_MIRROR", raising=False)
+
+
+SHARED_MODELS_DIR = REFERENCE_DIR.parent / "models"
+
+
+@pytest.fixture
+def yunet_cached() -> Path:
+    """The YuNet file (from ../shared/models) in the test's download cache; skips if absent."""
+    from staralign.hub import cached_path
+
+    source = SHARED_MODELS_DIR / "face_detection_yunet_2026may.onnx"
+    if not source.is_file():
+        pytest.skip(f"YuNet test file not available: {source} is absent")
+    target = cached_path("yunet")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    return target
