@@ -214,15 +214,34 @@ def test_no_face_is_an_empty_list_not_an_error(weights):
             assert r.json()["inputs"][0]["faces"] == [] and r.json()["detector"] == "opencv"
 
 
-def test_nonfinite_landmarks_are_null_not_a_server_error(client, monkeypatch):
-    from staralign.inference import Face
+def test_nan_weights_are_an_error_naming_the_file_not_null_landmarks(tmp_path):
+    # A broken (NaN) model is an error that names its file, never a face with null landmarks.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    path = save_model(model, tmp_path / "broken.safetensors")
+    det = LandmarkDetector.from_checkpoint(path, device="cpu", detector="none")
+    with TestClient(create_app(det, weights_name=path.name)) as c:
+        r = post_file(c, face_png(0)[0])
+    assert r.status_code == 500 and r.json()["error"] == "model_output_not_finite"
+    assert "broken.safetensors" in r.json()["message"] and "not finite" in r.json()["message"]
 
-    detector = client.app.state.service.detector
-    monkeypatch.setattr(detector, "detect", lambda *a, **k: [
-        Face((0.0, 0.0, 10.0, 10.0), np.full((98, 2), np.nan), None, None, "WFLW")])
-    r = post_file(client, face_png(0)[0])
-    assert r.status_code == 200, r.text
-    assert r.json()["inputs"][0]["faces"][0]["landmarks"] == [[None, None]] * 98
+
+def test_the_face_detector_can_be_chosen_per_image(client):
+    info = client.get("/api/info").json()
+    assert info["detector"] == "none" and {"yunet", "opencv", "none"} <= set(info["detectors"])
+    data, _ = face_png(3, 200)
+    whole = post_file(client, data).json()
+    assert whole["detector"] == "none" and len(whole["inputs"][0]["faces"]) == 1
+    assert whole["inputs"][0]["faces"][0]["box"] == [-0.5, -0.5, 199.5, 199.5]
+    if HAS_HAAR:
+        haar = post_file(client, data, detector="opencv").json()
+        assert haar["detector"] == "opencv"
+        for face in haar["inputs"][0]["faces"]:
+            assert face["box"] != [-0.5, -0.5, 199.5, 199.5] and face["keypoints"] is None
+    assert_error(post_file(client, data, detector="mtcnn"), 422, "bad_detector", "choose from")
 
 
 def test_onnx_model_serves_the_same_landmarks(weights, client, tmp_path):
@@ -495,7 +514,7 @@ def test_openapi_documents_the_endpoints(client):
     post = schema["paths"]["/api/landmarks"]["post"]
     assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(post["requestBody"]["content"])
     assert post["requestBody"]["content"]["multipart/form-data"]["schema"]["required"] == ["file"]
-    assert {p["name"] for p in post["parameters"]} == {"ambiguity", "format", "box"}
+    assert {p["name"] for p in post["parameters"]} == {"ambiguity", "format", "box", "detector"}
     ok = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/LandmarksResponse")
     for status in ("400", "413", "415", "422"):
@@ -503,7 +522,7 @@ def test_openapi_documents_the_endpoints(client):
     info = schema["paths"]["/api/info"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert info["$ref"].endswith("/InfoResponse")
     face = schema["components"]["schemas"]["FaceOut"]["properties"]
-    assert {"box", "score", "layout", "landmarks", "crop", "ambiguity"} == set(face)
+    assert {"box", "score", "layout", "landmarks", "crop", "keypoints", "ambiguity"} == set(face)
 
 
 def test_page_is_self_contained(client):

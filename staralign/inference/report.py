@@ -26,12 +26,13 @@ def face_detector_name(detector: LandmarkDetector) -> str:
 
 
 def report_header(detector: LandmarkDetector, weights: str, *, box: bool = False,
-                  format: str | None = None) -> dict[str, Any]:
+                  format: str | None = None, face_detector: Any = None) -> dict[str, Any]:
     """Everything in the report before ``inputs`` and ``errors``, in order.
 
     ``weights``: as shown to the reader (a path or a file name).  ``box``: faces came
     from given boxes, not the face detector (which is then never created).
     ``format``: the output layout (None: the detector's own ``format``).
+    ``face_detector``: the face detector object used instead of the detector's own.
     """
     from .. import __version__
 
@@ -40,7 +41,8 @@ def report_header(detector: LandmarkDetector, weights: str, *, box: bool = False
         "staralign": __version__,
         "weights": str(weights),
         "backend": detector.backend.name,
-        "detector": "box" if box else face_detector_name(detector),
+        "detector": "box" if box else (face_detector_name(detector) if face_detector is None
+                                       else str(getattr(face_detector, "name", type(face_detector).__name__))),
         "layout": layout.name,
         "num_points": layout.num_points,
         "coordinates": COORDINATES,

@@ -77,6 +77,8 @@ class ErrorResponse(BaseModel):
 class Crop(BaseModel):
     scale: float = Field(description="face size in units of 200 pixels (the dataset's convention)")
     center: list[float] = Field(description="crop centre (x, y), pixels")
+    angle: float = Field(description="the face's roll in degrees (eye line, clockwise on screen), undone by the crop")
+    refined: bool = Field(description="placed from a first pass's landmarks (refine)")
 
 
 class AmbiguityOut(BaseModel):
@@ -91,6 +93,8 @@ class FaceOut(BaseModel):
     layout: str = Field(description="landmark layout name, e.g. WFLW or 300W")
     landmarks: list[list[float]] = Field(description="(N, 2) points (x, y), pixels of the original image")
     crop: Crop
+    keypoints: list[list[float]] | None = Field(description="the detector's five points (eyes, nose tip, mouth "
+                                                            "corners), pixels; null when it gives none")
     ambiguity: AmbiguityOut | None = Field(None, description="only with ambiguity=true")
 
 
@@ -151,6 +155,7 @@ class InfoResponse(BaseModel):
     backend: str
     device: str | None = Field(description="PyTorch device, null for onnxruntime")
     detector: str
+    detectors: list[str] = Field(description="accepted values of ?detector= (the face detector per image)")
     input_size: int = Field(description="network input, pixels a side")
     ambiguity: bool = Field(description="whether the model reports per-landmark ambiguity")
     definition: LayoutOut = Field(description="the model's own landmark definition")
@@ -169,6 +174,10 @@ def _layout_dict(definition: Any) -> dict[str, Any]:
         "edges": [{"name": e.name, "closed": bool(e.closed), "indices": list(e.indices)} for e in definition.edges],
         "flip_pairs": [list(p) for p in definition.flip_pairs],
     }
+
+
+# Face detectors a request may choose (?detector=): those needing no extra package.
+WEB_DETECTORS = ("yunet", "opencv", "none")
 
 
 def _ms(seconds: float) -> float:
@@ -199,6 +208,7 @@ class LandmarkService:
             "backend": backend.name,
             "device": None if device is None else str(device),
             "detector": self.detector_name,
+            "detectors": list(WEB_DETECTORS),
             "input_size": int(self.detector.input_size),
             "ambiguity": bool(getattr(backend, "has_ambiguity", False)),
             "definition": _layout_dict(self.detector.definition),
@@ -247,7 +257,8 @@ class LandmarkService:
         return image
 
     def run(self, data: bytes, name: str, ambiguity: bool, fmt: str,
-            box: tuple[float, float, float, float] | None) -> tuple[dict[str, Any], dict[str, float]]:
+            box: tuple[float, float, float, float] | None,
+            face_detector: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
         """Decode and predict one upload; (report, seconds spent decoding / waiting / in the model).
 
         A slot is held from decoding until the model is done with the image, so at most
@@ -258,22 +269,34 @@ class LandmarkService:
             t1 = time.perf_counter()
             image = self.decode(data)
             t2 = time.perf_counter()
-            report, wait, infer = self.predict(image, name, ambiguity, fmt, box)
+            report, wait, infer = self.predict(image, name, ambiguity, fmt, box, face_detector)
         return report, {"decode": t2 - t1, "wait": wait + (t1 - t0), "inference": infer}
 
     def predict(self, image: np.ndarray, name: str, ambiguity: bool, fmt: str,
-                box: tuple[float, float, float, float] | None) -> tuple[dict[str, Any], float, float]:
-        """The ``staralign predict`` report for one image; returns (report, wait s, inference s)."""
+                box: tuple[float, float, float, float] | None,
+                face_detector: str | None = None) -> tuple[dict[str, Any], float, float]:
+        """The ``staralign predict`` report for one image; returns (report, wait s, inference s).
+
+        ``face_detector``: a name from :data:`WEB_DETECTORS` for this image (None: the server's)."""
+        from ..inference.detector import ModelOutputError
+        from ..inference.faces import FaceDetectorError
         from ..inference.report import report_header
 
         t0 = time.perf_counter()
         with self.lock:
             t1 = time.perf_counter()
-            faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity)
+            try:
+                used = self.detector.face_detector_for(face_detector)
+                faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity, detector=face_detector)
+            except FaceDetectorError as exc:
+                raise ApiError(422, "bad_detector", f"detector={face_detector!r} is unavailable: {exc}") from None
+            except ModelOutputError as exc:
+                raise ApiError(500, "model_output_not_finite", str(exc)) from None
             t2 = time.perf_counter()
         record = {"path": name, "type": "image", "width": int(image.shape[1]), "height": int(image.shape[0]),
                   "faces": [f.to_dict(ambiguity=ambiguity) for f in faces]}
-        report = {**report_header(self.detector, self.weights_name, box=box is not None, format=fmt),
+        report = {**report_header(self.detector, self.weights_name, box=box is not None, format=fmt,
+                                  face_detector=used),
                   "inputs": [record], "errors": []}
         return report, t1 - t0, t2 - t1
 
@@ -409,6 +432,8 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
         ambiguity: bool = Query(False, description="include per-landmark ambiguity (heatmap spread, pixels)"),
         format: str = Query("native", description="landmark layout: native, or 68 (300W points from WFLW)"),
         box: str | None = Query(None, description="x1,y1,x2,y2: use this face box instead of the detector"),
+        detector: str | None = Query(None, description="face detector for this image: "
+                                                       f"{', '.join(WEB_DETECTORS)} (default: the server's)"),
     ) -> Response:
         """The JSON ``staralign predict --json`` writes for this one image, plus ``timing``.
 
@@ -420,13 +445,15 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
             raise ApiError(422, "bad_format", f"format={format!r} is not available for this model; "
                                               f"choose from {', '.join(service.layouts)}")
         face_box = _parse_box(box)
+        if detector is not None and detector not in WEB_DETECTORS:
+            raise ApiError(422, "bad_detector", f"detector={detector!r}: choose from {', '.join(WEB_DETECTORS)}")
         try:
             upload = await read_upload(request, service.limits.max_upload_bytes)
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client went away during the upload") from None
         read = time.perf_counter()
         report, spent = await run_in_threadpool(service.run, upload.data, upload.filename, ambiguity, format,
-                                                face_box)
+                                                face_box, detector)
         report["timing"] = {"read_ms": _ms(read - start), "decode_ms": _ms(spent["decode"]),
                             "wait_ms": _ms(spent["wait"]), "inference_ms": _ms(spent["inference"]),
                             "total_ms": _ms(time.perf_counter() - start)}

@@ -33,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--detector", choices=DETECTOR_CHOICES, default="opencv",
-                   help="face detector: opencv (Haar cascade, default), none (the whole image is one face), "
+    p.add_argument("--detector", choices=DETECTOR_CHOICES, default="yunet",
+                   help="default face detector (the page can choose another per image): yunet (downloaded "
+                        "once; falls back to opencv with a warning), opencv (Haar cascade), "
+                        "none (the whole image is one face), "
                         "dlib or mediapipe (if installed)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="PyTorch device")
     p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",

@@ -17,6 +17,7 @@
     live: $("live"), camStop: $("camera-stop"),
     box: $("show-box"), points: $("show-points"), edges: $("show-edges"), ambiguity: $("show-ambiguity"),
     indices: $("show-indices"), nstd: $("nstd"), format: $("format"), formatLabel: $("format-label"),
+    detector: $("detector"),
     status: $("status"), timing: $("timing"), download: $("download"), canvas: $("result"), json: $("json"),
   };
 
@@ -56,6 +57,9 @@
     els.accepts.textContent = `JPEG, PNG, BMP or WebP, up to ${+mb.toFixed(1)} MB and ` +
       `${+(info.limits.max_pixels / 1e6).toFixed(1)} megapixels`;
     // (Not Object.keys: JavaScript lists integer-like keys such as "68" first.)
+    for (const d of info.detectors || [info.detector]) {
+      els.detector.add(new Option(d, d, false, d === info.detector));
+    }
     const formats = ["native", "68"].filter((f) => f in info.formats);
     if (formats.length > 1 && info.formats["68"].name !== info.definition.name) {
       for (const f of formats) {
@@ -108,6 +112,7 @@
         return bitmap;
       }, () => null);
     const params = new URLSearchParams({ ambiguity: "true", format: els.format.value || "native" });
+    if (els.detector.value) params.set("detector", els.detector.value);
     let body = blob;
     const headers = {};
     if (raw) {
@@ -335,6 +340,7 @@
     el.addEventListener("change", render);
   }
   els.format.addEventListener("change", () => state.blob && send(state.blob, state.name, state.raw));
+  els.detector.addEventListener("change", () => state.blob && send(state.blob, state.name, state.raw));
   els.download.addEventListener("click", download);
   els.camStart.addEventListener("click", startCamera);
   els.camStop.addEventListener("click", stopCamera);
