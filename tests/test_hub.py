@@ -408,3 +408,14 @@ def test_from_pretrained_reads_the_cache(tiny_weights, no_network):
     assert det.definition.name == "WFLW"
     with pytest.raises(hub.Unavailable, match="300W_STARLoss_NME_2_87.pkl is not cached"):
         LandmarkDetector.from_pretrained("300w")
+
+
+def test_hub_and_models_command_import_neither_torch_nor_numpy():
+    import subprocess
+    import sys
+
+    code = ("import sys, staralign.hub, staralign.hub_cli; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
