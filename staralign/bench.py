@@ -1,4 +1,4 @@
-"""Benchmarks: ``staralign bench {loss,infer,data,train} ... --json``.
+"""Benchmarks: ``staralign bench {loss,infer,data,train,detect} ... --json``.
 
 Each benchmark prints one JSON object (one line with ``--json``) naming the
 device, so figures can be compared only where the machine is the same.  Timing
@@ -714,6 +714,106 @@ def bench_train(args) -> dict:
     result["images_per_s"] = b * 1000.0 / timing["ms_median"]
     if args.profile:
         result["profile"] = profile_kernels(step, device)
+    return result
+
+
+# --------------------------------------------------------------------------- face detectors
+
+
+def _detect_args(p) -> None:
+    p.add_argument("--sizes", default="640x480,1920x1080", metavar="WxH,...",
+                   help="image sizes to time (default 640x480,1920x1080)")
+    p.add_argument("--detectors", default="yunet,opencv", metavar="NAME,...",
+                   help="face detectors to time: yunet, opencv (Haar)")
+    p.add_argument("--yunet", metavar="FILE", help="YuNet ONNX file (default: the cached download)")
+    p.add_argument("--yunet-max-side", type=int, default=1280, metavar="PX",
+                   help="YuNet searches larger images reduced to this longer side; 0: whole (default 1280)")
+    p.add_argument("--image", metavar="FILE",
+                   help="photo to time, resized to each size (default: a synthetic face on a textured field)")
+    p.add_argument("--iters", type=int, default=10, help="calls per timed run (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported (default 5)")
+
+
+def _detect_scene(width: int, height: int, photo):
+    """A BGR test image: ``photo`` resized, or a synthetic face (a third of the height) on smooth
+    colour noise, so the detectors see one face and some texture."""
+    import cv2
+    import numpy as np
+
+    if photo is not None:
+        return cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
+    from .data.synth import render_face
+
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, (max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+    scene = cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
+    side = max(64, height // 3)
+    face = render_face(np.random.default_rng(1), side)[0]
+    y0, x0 = (height - side) // 2, (width - side) // 2
+    scene[y0:y0 + side, x0:x0 + side] = face
+    return scene
+
+
+@bench("detect", _detect_args)
+def bench_detect(args) -> dict:
+    """Face detector time per image (YuNet, Haar) at a few image sizes, on the CPU."""
+    import cv2
+
+    from .cli import UserError
+    from .inference.faces import FaceDetectorError, get_face_detector
+
+    photo = None
+    if args.image:
+        photo = cv2.imread(args.image, cv2.IMREAD_COLOR)
+        if photo is None:
+            raise UserError(f"{args.image}: not a readable image")
+    sizes = []
+    for text in args.sizes.split(","):
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--sizes: {text!r} is not WIDTHxHEIGHT") from None
+        sizes.append((w, h))
+    detectors = {}
+    for name in (n.strip() for n in args.detectors.split(",") if n.strip()):
+        try:
+            if name == "yunet":  # YuNet itself, never the Haar fallback, so the figures are YuNet's
+                from .inference.faces import YuNetDetector
+
+                detectors[name] = YuNetDetector(args.yunet, max_side=args.yunet_max_side or None)
+            else:
+                detectors[name] = get_face_detector(name)
+        except FaceDetectorError as exc:
+            raise UserError(str(exc)) from None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    result: dict[str, Any] = {
+        "bench": "detect", "device": "cpu", "device_name": cpu, "cpu_count": os.cpu_count(),
+        "opencv": cv2.__version__, "opencv_threads": cv2.getNumThreads(),
+        "load_average_before": [round(v, 2) for v in os.getloadavg()],
+        "image": args.image or "synthetic face on colour noise", "results": [],
+    }
+    for w, h in sizes:
+        image = _detect_scene(w, h, photo)
+        found = {name: det(image) for name, det in detectors.items()}  # warm-up (and the face count)
+        samples: dict[str, list[float]] = {name: [] for name in detectors}
+        for _ in range(max(1, args.repeats)):  # detectors interleaved: side by side under the same load
+            for name, det in detectors.items():
+                t0 = time.perf_counter()
+                for _ in range(max(1, args.iters)):
+                    det(image)
+                samples[name].append((time.perf_counter() - t0) * 1000.0 / max(1, args.iters))
+        for name, det in detectors.items():
+            result["results"].append({
+                "detector": name, "width": w, "height": h, "faces": len(found[name]),
+                "searched_side": getattr(det, "max_side", None),
+                "ms_median": round(statistics.median(samples[name]), 2),
+                "ms_min": round(min(samples[name]), 2), "ms_max": round(max(samples[name]), 2)})
+    result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     return result
 
 
