@@ -114,7 +114,9 @@ def _drive(file_id: str) -> tuple[str, str]:
 
 _STAR_REPO = "https://github.com/ZhenglinZhou/STAR"
 _YUNET_DIR = "https://github.com/opencv/opencv_zoo/tree/main/models/face_detection_yunet"
-_YUNET_RAW = ("https://raw.githubusercontent.com/opencv/opencv_zoo/main/models/"
+# GitHub's /raw/ address, not raw.githubusercontent.com: the zoo keeps its .onnx files in Git
+# LFS, where raw.githubusercontent.com serves the LFS pointer; /raw/ redirects to the content.
+_YUNET_RAW = ("https://github.com/opencv/opencv_zoo/raw/main/models/"
               "face_detection_yunet/face_detection_yunet_2026may.onnx")
 
 FILES: dict[str, RemoteFile] = {
@@ -421,6 +423,10 @@ def _size(n: float) -> str:
 
 
 def _verify(remote: RemoteFile, path: Path) -> None:
+    with open(path, "rb") as fh:
+        if fh.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            raise VerificationError(
+                f"{remote.filename}: the server sent a Git LFS pointer, not the file; refused and not kept")
     if remote.size is not None and path.stat().st_size != remote.size:
         raise VerificationError(
             f"{remote.filename}: downloaded file has {path.stat().st_size} bytes, expected "
@@ -433,6 +439,9 @@ def _verify(remote: RemoteFile, path: Path) -> None:
                 f"{remote.sha256}); refused and not kept")
     if remote.is_star_model:
         verify_star_checkpoint(path, remote.dataset or "", label=remote.filename)
+
+
+_LFS_POINTER = b"version https://git-lfs"
 
 
 def _sha256(path: Path) -> str:

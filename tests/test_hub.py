@@ -231,6 +231,15 @@ def test_truncated_download_without_length_is_refused_by_verification(server, on
     assert cache_files() == []
 
 
+def test_a_git_lfs_pointer_is_named_and_not_kept(server, online, monkeypatch):
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + YUNET.sha256.encode() + b"\nsize 229738\n"
+    server.serve_file(YUNET.filename, pointer)
+    monkeypatch.setenv("STARALIGN_MIRROR", server.url)
+    with pytest.raises(hub.VerificationError, match="a Git LFS pointer, not the file"):
+        hub.fetch("yunet")
+    assert cache_files() == []
+
+
 def test_yunet_with_another_checksum_is_refused_and_not_kept(server, online, monkeypatch):
     corrupt = bytes(np.random.default_rng(0).integers(0, 256, YUNET.size, dtype=np.uint8))
     server.serve_file(YUNET.filename, corrupt)
