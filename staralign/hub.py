@@ -242,6 +242,7 @@ def _download(remote: RemoteFile, url: str, target: Path, *, progress: bool) -> 
     import http.client  # here, not at the top: urllib.request is slow to import for --help
     import urllib.error
 
+    _remove_stale_parts(target)
     tmp = target.with_name(f".{target.name}.part{os.getpid()}")
     try:
         try:
@@ -255,6 +256,23 @@ def _download(remote: RemoteFile, url: str, target: Path, *, progress: bool) -> 
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_parts(target: Path) -> None:
+    """Delete partial downloads of ``target`` left by processes that were killed (POSIX only:
+    elsewhere there is no safe test of whether a process id is alive)."""
+    if os.name != "posix":
+        return
+    for part in target.parent.glob(f".{target.name}.part*"):
+        pid = part.name.rsplit(".part", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except OSError:  # alive but another user's, or not ours to test: leave it
+            pass
 
 
 def _short(url: str) -> str:
@@ -282,11 +300,9 @@ def _fetch_to(url: str, tmp: Path, remote: RemoteFile, *, progress: bool) -> Non
             if content_type.startswith("text/html"):
                 page = response.read(1 << 20).decode("utf-8", "replace")
                 confirmed = _google_drive_confirmation(page, response.geturl(), opener)
-                if confirmed is None:
-                    raise VerificationError(
-                        f"{remote.filename}: {_short(url)} answered with a web page, not the "
-                        f"file ({_page_title(page) or 'no title'}); get it by hand from "
-                        f"{remote.page} and put it at {cache_dir() / remote.filename}")
+                if confirmed is None:  # quota exceeded, file removed, a login page, ...
+                    raise OSError(f"the server answered with a web page, not the file "
+                                  f"({_page_title(page) or 'no title'})")
                 url = confirmed
                 continue
             length = response.headers.get("Content-Length")
@@ -296,7 +312,7 @@ def _fetch_to(url: str, tmp: Path, remote: RemoteFile, *, progress: bool) -> Non
             if expected is not None and written != expected:
                 raise OSError(f"connection closed after {written} of {expected} bytes")
             return
-    raise VerificationError(f"{remote.filename}: {_short(url)} kept answering with web pages")
+    raise OSError("the server kept answering with web pages, not the file")
 
 
 class _FormParser(HTMLParser):

@@ -12,6 +12,8 @@ import hashlib
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -221,6 +223,20 @@ def test_truncated_download_leaves_nothing_that_looks_complete(server, online, m
     assert cache_files() == []
 
 
+def test_partial_downloads_of_dead_processes_are_removed(server, online, monkeypatch):
+    body = yunet_bytes()
+    server.serve_file(YUNET.filename, body)
+    monkeypatch.setenv("STARALIGN_MIRROR", server.url)
+    cache = hub.cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (cache / f".{YUNET.filename}.part{dead}").write_bytes(b"killed half way")
+    (cache / f".{YUNET.filename}.part1").write_bytes(b"pid 1 is alive: another download, left alone")
+    hub.fetch("yunet")
+    assert cache_files() == sorted([YUNET.filename, f".{YUNET.filename}.part1"])
+
+
 def test_truncated_download_without_length_is_refused_by_verification(server, online, monkeypatch):
     # No Content-Length to compare against: the file's own check (size, SHA-256) refuses it.
     body = hashlib.sha256(b"x").digest() * 100
@@ -329,8 +345,8 @@ def test_google_drive_page_without_a_way_through_is_a_clear_error(server, online
     _drive(monkeypatch, server, b"whatever")
     page = b"<html><head><title>Google Drive - Quota exceeded</title></head><body>Too many users</body></html>"
     server.routes["/uc"] = lambda q, h: (200, {"Content-Type": "text/html"}, page)
-    with pytest.raises(hub.VerificationError, match=r"answered with a web page, not the file \(Google Drive - "
-                                                    r"Quota exceeded\); get it by hand from"):
+    with pytest.raises(hub.Unavailable, match=r"answered with a web page, not the file \(Google Drive - "
+                                              r"Quota exceeded\)\); get it from .* and put it at"):
         hub.fetch("yunet")
     assert cache_files() == []
 
@@ -420,9 +436,6 @@ def test_from_pretrained_reads_the_cache(tiny_weights, no_network):
 
 
 def test_hub_and_models_command_import_neither_torch_nor_numpy():
-    import subprocess
-    import sys
-
     code = ("import sys, staralign.hub, staralign.hub_cli; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
