@@ -441,3 +441,20 @@ def test_hub_and_models_command_import_neither_torch_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_with_bytes_and_rate(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    report = hub._progress(3 * 2**20, "file.bin")
+    for n in (2**20, 2 * 2**20, 3 * 2**20):
+        report(n)
+    report(3 * 2**20, done=True)
+    shown = terminal.getvalue()
+    assert "downloading file.bin" in shown and "3.00M/3.00M" in shown and "B/s" in shown
