@@ -406,21 +406,31 @@ def test_models_download_fetches_into_the_cache(server, online, monkeypatch, cap
     assert "unknown name 'bogus'" in capsys.readouterr().err
 
 
-def test_predict_with_the_cache_and_no_network(tmp_path, no_network, capsys, official_wflw):
-    cache = hub.cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / WFLW.filename).write_bytes(official_wflw)
+@pytest.mark.slow  # two runs of the full-size 4-stack network (about 5 s on an idle 2-core VM)
+def test_predict_downloads_from_a_mirror_then_runs_offline(tmp_path, server, online, monkeypatch, capsys,
+                                                          official_wflw):
+    # As a new user runs it: no --weights, the default face detector. First through a mirror
+    # (both files downloaded), then offline with every network connection refused.
     yunet = SHARED_MODELS_DIR / YUNET.filename
+    server.serve_file(WFLW.filename, official_wflw)
     if yunet.is_file():
-        (cache / YUNET.filename).write_bytes(yunet.read_bytes())
+        server.serve_file(YUNET.filename, yunet.read_bytes())
+    monkeypatch.setenv("STARALIGN_MIRROR", server.url)
     image, out = photo(tmp_path), tmp_path / "faces.json"
-    # As a new user runs it: no --weights, the default face detector (its file from the cache).
-    assert main(["predict", str(image), "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["weights"] == str(cache / WFLW.filename) and report["num_points"] == 98
-    if yunet.is_file():  # the default detector's file came from the cache too (no fallback to Haar)
-        assert report["detector"] == "yunet" and "warning" not in capsys.readouterr().err
-    assert all(len(face["landmarks"]) == 98 for face in report["inputs"][0]["faces"])
+    for online_run in (True, False):
+        if not online_run:
+            monkeypatch.delenv("STARALIGN_MIRROR")
+            monkeypatch.setenv("STARALIGN_OFFLINE", "1")
+            refuse = lambda *a, **k: pytest.fail("network access attempted")  # noqa: E731
+            monkeypatch.setattr(socket.socket, "connect", refuse)
+        capsys.readouterr()
+        assert main(["predict", str(image), "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["weights"] == str(hub.cache_dir() / WFLW.filename) and report["num_points"] == 98
+        assert all(len(face["landmarks"]) == 98 for face in report["inputs"][0]["faces"])
+        if yunet.is_file():  # the detector's file came the same way (no fallback to Haar)
+            assert report["detector"] == "yunet" and "warning" not in capsys.readouterr().err
+    assert cache_files() == sorted([WFLW.filename] + ([YUNET.filename] if yunet.is_file() else []))
 
 
 def test_from_pretrained_reads_the_cache(tiny_weights, no_network):
