@@ -406,7 +406,7 @@ def test_models_download_fetches_into_the_cache(server, online, monkeypatch, cap
     assert "unknown name 'bogus'" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # two runs of the full-size 4-stack network (about 5 s on an idle 2-core VM)
+@pytest.mark.slow  # two runs of the full-size 4-stack network: 16 s on the shared 2-core VM (load 13)
 def test_predict_downloads_from_a_mirror_then_runs_offline(tmp_path, server, online, monkeypatch, capsys,
                                                           official_wflw):
     # As a new user runs it: no --weights, the default face detector. First through a mirror
