@@ -267,3 +267,20 @@ def test_nan_weights_raise_an_error_naming_the_file(tmp_path):
     det = LandmarkDetector.from_checkpoint(path, device="cpu", detector="none")
     with pytest.raises(ModelOutputError, match=r"diverged\.safetensors: the model's output is not finite"):
         det.detect(np.zeros((64, 64, 3), np.uint8))
+
+
+@pytest.mark.skipif(not HAS_HAAR, reason="this OpenCV has no Haar cascades")
+def test_bench_detect_prints_one_json_result_per_detector_and_size(capsys):
+    import json
+
+    from staralign.cli import main
+
+    detectors = "yunet,opencv" if YUNET_PATH.is_file() else "opencv"
+    argv = ["bench", "detect", "--json", "--sizes", "96x64,128x96", "--detectors", detectors,
+            "--iters", "1", "--repeats", "1"] + (["--yunet", str(YUNET_PATH)] if YUNET_PATH.is_file() else [])
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == "detect" and out["cpu_count"] >= 1 and len(out["load_average_before"]) == 3
+    got = {(r["detector"], r["width"], r["height"]) for r in out["results"]}
+    assert got == {(d, w, h) for d in detectors.split(",") for w, h in ((96, 64), (128, 96))}
+    assert all(r["ms_min"] <= r["ms_median"] <= r["ms_max"] for r in out["results"])
