@@ -145,7 +145,7 @@ def test_kill_and_resume_matches_uninterrupted_run(synth_data, tmp_path):
         if state_file.exists():
             try:
                 st = state_mod.load_state(run)
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 st = None
             if st and (st["epoch"], st["step"]) >= (0, 2):
                 proc.send_signal(signal.SIGKILL)
