@@ -65,6 +65,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / LOCK_FILE
         self.held = False
+        self.took_over_from: int | None = None  # PID of a dead holder whose lock was taken over
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ class RunLock:
                                       f"wait for it to finish or stop it (if it is gone, delete {self.path})"
                                       ) from None
                 # The holder is dead (or the file is unreadable): take the lock over.
-                log.info("%s: taking over the lock of process %s, which no longer runs", self.path.parent, pid)
+                self.took_over_from = pid
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -88,6 +89,12 @@ class RunLock:
             self.held = True
             return
         raise RunDirError(f"{self.path}: cannot take the run lock (another process keeps creating it)")
+
+    def log_takeover(self) -> None:
+        """Say (once logging is set up) that a dead process's lock was taken over."""
+        if self.took_over_from is not None:
+            log.info("%s: took over the lock of process %s, which no longer runs", self.path.parent,
+                     self.took_over_from)
 
     def _holder(self) -> tuple[int | None, str]:
         try:

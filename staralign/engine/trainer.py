@@ -100,7 +100,7 @@ class _Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                # purge_step: TensorBoard drops the events of steps replayed after a resume.
+                # purge_step: TensorBoard drops the events of the steps a resume replays (from purge_step on).
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 log.warning("tensorboard is not installed: no event files will be written")
@@ -234,6 +234,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         D.barrier()
         _setup_logging(run_dir, env.is_main)
         if env.is_main:
+            lock.log_takeover()
             remove_stale_temporaries(run_dir)
         resumed_run = resume
         if resume:
@@ -299,7 +300,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         resumed_at = start_epoch * steps_per_epoch + start_step if resumed_run else None
         if env.is_main and resumed_run:
             truncate_metrics(run_dir, resumed_at, steps_per_epoch)
-        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard, purge_step=resumed_at)
+        purge = None if resumed_at is None else resumed_at + 1  # the first step a resume replays
+        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard, purge_step=purge)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
                  definition.name, len(train_ds), steps_per_epoch, env.world_size, env.device, n_params / 1e6)
