@@ -85,6 +85,7 @@ def check_file(path: Path, image_dir: str, definition: LandmarkDefinition, skip_
             why = _check_image(resolved)
             if why:
                 problems.append(AnnotationError(source, line, "image_path", f"{resolved}: {why}"))
+    problems.sort(key=lambda p: p.line)
     return problems, len(rows)
 
 
