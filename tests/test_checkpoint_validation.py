@@ -58,6 +58,7 @@ def deadline():
     ({"input_size": 2 ** 20}, "input_size"),
     ({"channels": 1 << 20}, "channels"),
     ({"nlevels": 40, "input_size": 4 * 2 ** 40}, "nlevels"),
+    ({"nlevels": 2 ** 62}, "nlevels"),  # 2 ** nlevels alone never finishes
     ({"nstack": 3}, "claims 3 stack(s) but holds weights for 1"),
 ])
 def test_claims_beyond_bounds_or_the_weights_are_refused_before_building(tiny_file, tmp_path, deadline, claims,
@@ -128,3 +129,34 @@ def test_a_bad_train_state_is_one_line_on_resume(data, tmp_path, capsys, content
     assert len(lines) == 1 and "train_state.pt" in lines[0], err
     assert "Traceback" not in err and "allow-pickle" not in err
     assert not list(run.glob("*.safetensors")), "training went ahead from a state it could not read"
+
+
+def test_mutated_files_are_refused_in_one_line_and_quickly(tiny_file, tmp_path, deadline):
+    """A seeded fuzz: crafted claims, flipped or truncated bytes, random bytes -- every file
+    loads or is a one-line CheckpointError, and none hangs (the deadline fixture)."""
+    import random
+
+    rng = random.Random(15)
+    raw = tiny_file.read_bytes()
+    values = [0, -1, 3, 10000, 2 ** 20, 2 ** 62, 1.5, "8", None, []]
+    outcomes = {"refused": 0, "loaded": 0}
+    for trial in range(45):
+        path = tmp_path / f"f{trial}.safetensors"
+        if trial % 3 == 0:
+            claims = {rng.choice(["nstack", "nlevels", "channels", "input_size", "stem_channels"]): rng.choice(values)
+                      for _ in range(rng.randint(1, 3))}
+            _with_claims(tiny_file, path, **claims)
+        elif trial % 3 == 1:
+            data = bytearray(raw)
+            for _ in range(rng.randint(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            path.write_bytes(bytes(data[: rng.randrange(len(data))] if rng.random() < 0.3 else data))
+        else:
+            path.write_bytes(rng.choice([b"", b"\x80\x02", b"PK\x03\x04", raw[:64]]) + rng.randbytes(2000))
+        try:
+            load_model(path)
+            outcomes["loaded"] += 1
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 40, outcomes

@@ -357,10 +357,13 @@ def load_model(
     if info is not None:
         try:
             config = from_dict(ModelConfig, info.get("config"), "config")
-            config.validate()
         except (ConfigError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: stored model {exc}") from exc
-        check_architecture(config, state, path)
+        check_architecture(config, state, path)  # before validate(): 2 ** nlevels of a crafted nlevels hangs
+        try:
+            config.validate()
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: stored model {exc}") from exc
         stored_definition = info.get("definition")
         num_points = -1
     else:
