@@ -6,35 +6,144 @@ temporary file beside the target, flushed to disk, and renamed over the target; 
 folder is synced so the rename survives a power cut.  On any error the temporary file
 is removed and the target is left as it was.  JSON the project writes is strict
 (:func:`finite_json`): NaN or infinity, which JSON cannot hold, become null.
+
+The rename only makes sense for a regular file.  A symbolic link is followed (its target is
+replaced, the link stays a link); a device node, FIFO or socket (``--json /dev/null``,
+``--json /dev/stdout``) is written through in place, never replaced by a regular file.
+Outputs never replace an input: :func:`avoid_inputs` gives an output that would land on an
+input another name beside it.  A write that fails because the disk is full, read-only or
+not ours raises :class:`WriteError`, one line naming the file and what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
+import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "finite_json"]
+__all__ = ["WriteError", "atomic_path", "atomic_write", "avoid_inputs", "finite_json", "is_temporary", "same_file"]
+
+
+# errno values a user fixes by freeing space, choosing another folder or fixing permissions.
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+class WriteError(OSError):
+    """A file could not be written for a reason the user can fix (full or read-only disk,
+    permissions); the message is one line naming the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, code: int = errno.EIO) -> None:
+        super().__init__(code, f"cannot write {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+def _write_failure(path: Path, exc: BaseException) -> WriteError | None:
+    """``exc`` (raised while writing ``path``) as a :class:`WriteError`, or None if it is not a
+    disk problem.  torch's zip writer reports a full disk as a RuntimeError ("unexpected pos",
+    "failed writing file") without the errno, so the free space is looked at instead."""
+    if isinstance(exc, WriteError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        advice = ("free some space or write elsewhere" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else "choose a folder you can write to")
+        return WriteError(path, f"{_DISK_ERRNOS[exc.errno]} ({advice})", exc.errno)
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "failed writing file" in text):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        return WriteError(path, f"the write was cut short, most likely a full disk ({free}); "
+                                "free some space or write elsewhere", errno.ENOSPC)
+    return None
+
+
+def _is_special(path: Path) -> bool:
+    """``path`` exists and is not a regular file (a device, FIFO or socket)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on leaving the block
-    without an error it replaces ``path`` (parent folders are created)."""
+    without an error it replaces ``path`` (parent folders are created).
+
+    A symlink's target is what gets replaced (the link stays); a device node, FIFO or
+    socket is yielded itself and written in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if _is_special(path):
+        try:
+            yield path
+        except Exception as exc:
+            failure = _write_failure(path, exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:
+        failure = _write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only folder: there is no temporary file to remove
+            tmp.unlink(missing_ok=True)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_path`'s temporary files (``.NAME.tmpPID``)."""
+    if not name.startswith("."):
+        return False
+    head, sep, pid = name.rpartition(".tmp")
+    return bool(sep and head and pid.isdigit())
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same existing file (links and ``..`` resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def avoid_inputs(target: Path, inputs: set[Path], tag: str = "annotated") -> Path:
+    """``target``, or ``NAME.TAG.EXT`` beside it (then ``NAME.TAG_2.EXT`` ...) when ``target``
+    is one of ``inputs`` (resolved paths): an output never replaces what was read."""
+    def taken(p: Path) -> bool:
+        return p.resolve() in inputs or any(same_file(p, i) for i in inputs if p.exists())
+
+    if not taken(target):
+        return target
+    k, candidate = 1, target.with_name(f"{target.stem}.{tag}{target.suffix}")
+    while taken(candidate):
+        k += 1
+        candidate = target.with_name(f"{target.stem}.{tag}_{k}{target.suffix}")
+    return candidate
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full or read-only disk, an unreadable image: one line (_failures.py)
+        from ._failures import user_message
+
+        message = user_message(exc)
+        if message is None or os.environ.get("STARALIGN_DEBUG"):
+            raise
+        print(f"staralign {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

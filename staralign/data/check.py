@@ -6,7 +6,9 @@ Problems reported, each with the annotation file, line and field:
   definition, or else the count most rows have), 5-point count, tags;
 * bad crop parameters: a crop whose size is far from the landmarks' extent, or
   whose centre is far from them (``scale`` is the face size / 200);
-* images missing, unreadable or empty;
+* an empty file, or one with a header line alone;
+* images missing, unreadable or empty, and images whose header claims a size beyond
+  ``predict``'s limits (decompression bombs: refused from the header, never decoded);
 * landmarks far outside their image (by more than ``margin`` times the face size);
 * duplicate rows (same image and same landmarks) and duplicate images (identical
   file content under another path, annotated with the same landmarks).
@@ -37,15 +39,21 @@ CENTRE_TOLERANCE = 0.5
 
 
 def _read_image_info(path: Path) -> tuple[tuple[int, int] | None, str, str]:
-    """((height, width) or None, content hash, error message)."""
-    from .images import ImageReadError, decode_image, read_image_bytes
+    """((height, width) or None, content hash, error message).  The size in the header is
+    checked before decoding (as ``predict`` does): a decompression bomb is refused, not decoded."""
+    from .images import HeaderError, ImageReadError, check_size, decode_image, header_size, read_image_bytes
 
     try:
         data = read_image_bytes(path)
         digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+        size = header_size(data)
+        if size is not None:
+            check_size(*size, path)
         image = decode_image(data, path)
     except ImageReadError as exc:
         return None, "", exc.reason
+    except HeaderError as exc:
+        return None, "", f"corrupt image: {exc}"
     return (int(image.shape[0]), int(image.shape[1])), digest, ""
 
 
@@ -71,6 +79,8 @@ def check_dataset(
         return [exc], 0
     problems = list(file.skipped)
     rows = file.annotations
+    if not rows and not problems:
+        problems.append(AnnotationError(source, 0, "", "no annotation rows (an empty file, or a header alone)"))
 
     # Crop parameters against the landmarks.
     for a in rows:
@@ -163,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     for p in problems:
         print(p)
-    lines = {p.line for p in problems}
+    lines = {p.line for p in problems if p.line}
     if problems:
         print(f"{args.annotations}: {len(problems)} problem(s) in {len(lines)} row(s) of {nrows}",
               file=sys.stderr)

@@ -25,7 +25,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper", help="starting point: paper (the authors' recipe) or tiny")
     p.add_argument("--config", help="YAML file with any TrainConfig fields (applied over the preset)")
     p.add_argument("--out", help="run directory (config, logs, checkpoints)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR where it stopped (--epochs, --workers, --device, --image-dir, "
+                        "--annot-dir, --save-every-steps and --time-budget-minutes may be given anew)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in --out (its weights, state and logs) instead of refusing")
     g = p.add_argument_group("data")
     g.add_argument("--data-definition", "--data_definition", dest="definition",
                    help="WFLW, 300W, COFW, 300VW, or a landmark definition file")
@@ -140,17 +144,24 @@ def run_train(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from ..config import load_yaml
+        from .resume import RESUMABLE_FLAGS
 
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-        # Settings given with --resume would be silently ignored: refuse them instead.
-        given = _flags_given(args, exclude=("resume",))
+        # Settings that change the model, the data definition or the loss would make another
+        # experiment: refuse them (the run's schedule, folders and machinery may change).
+        given = _flags_given(args, exclude=("resume",) + RESUMABLE_FLAGS)
         if given:
             raise UserError(f"--resume continues {run_dir} with its saved config.yaml; remove "
-                            f"{', '.join(given)} (to change a setting such as the epochs, edit that "
-                            "file; or start a new run with --out)")
-        config, out, resume = load_yaml(TrainConfig, run_dir / "config.yaml"), run_dir, True
+                            f"{', '.join(given)}, which would change the model, data or loss (start a new "
+                            "run with --out for that)")
+        try:
+            config = merge(load_yaml(TrainConfig, run_dir / "config.yaml"), overrides_from_args(args))
+            config.validate()
+        except ConfigError as exc:
+            raise UserError(str(exc)) from exc
+        out, resume = run_dir, True
     else:
         if not args.out:
             raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
@@ -161,9 +172,17 @@ def run_train(args: argparse.Namespace) -> int:
         if not config.data.annot_dir:
             raise UserError("--annot-dir is required")
         out, resume = args.out, False
+    from ..models.checkpoint import CheckpointError
+    from .preflight import PreflightError
+    from .rundir import RunDirError, RunFailure
+
     try:
-        result = train(config, out, resume=resume)
-    except ConfigError as exc:  # settings that only the chosen device or launch rules out
+        result = train(config, out, resume=resume, overwrite=bool(args.overwrite))
+    except (ConfigError, RunDirError, PreflightError, CheckpointError) as exc:
+        # settings that only the chosen device or launch rules out, a folder in use or holding a
+        # run, bad data, a training state that cannot be read
+        raise UserError(str(exc)) from exc
+    except RunFailure as exc:  # a corrupt image or a full disk mid-run: named, with the last checkpoint
         raise UserError(str(exc)) from exc
     print(f"best NME {result.best_nme:.5f} at epoch {result.best_epoch} ({result.best_source}); "
           f"run directory {result.run_dir}")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_path
+from ..models.checkpoint import CheckpointError
 
 STATE_FILE = "train_state.pt"
 STATE_VERSION = 1
@@ -49,15 +50,20 @@ def save_state(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+class StateError(CheckpointError):
+    """``train_state.pt`` cannot be used; the message is one line naming the file."""
+
+
 def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The saved training state of a run (``weights_only`` loading: no code is unpickled)."""
+    """The saved training state of a run, read through the same safe path as checkpoints
+    (``weights_only``: no code is unpickled; a foreign file is "not a training state")."""
+    from ..models.checkpoint import safe_torch_load
+
     path = Path(run_dir) / STATE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no training state to resume from (is {run_dir} a run directory?)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise RuntimeError(f"{path}: cannot read training state: {exc}") from exc
+        raise StateError(f"{path}: no training state to resume from (is {run_dir} a run directory?)")
+    state = safe_torch_load(path, "staralign training state", map_location=map_location, error=StateError)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise RuntimeError(f"{path}: not a staralign training state (version {state.get('version')!r})")
+        version = state.get("version") if isinstance(state, dict) else None
+        raise StateError(f"{path}: not a staralign training state (version {version!r})")
     return state

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, TrainConfig, save_yaml, to_dict
+from ..config import ConfigError, TrainConfig, save_yaml
 from ..definitions import LandmarkDefinition, get_definition
 from ..losses.recipe import RecipeLoss
 from ..models.checkpoint import unwrap
 from ..models.speed import autocast
 from . import distributed as D
 from .ema import ModelEMA, default_decay
-from .state import load_state, rng_state, save_state, set_rng_state
+from .preflight import preflight
+from .resume import absolute_paths, resume_config
+from .rundir import RunLock, prepare_new_run, remove_stale_temporaries, run_failure, truncate_metrics
+from .state import STATE_FILE, load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("staralign.train")
 
@@ -87,7 +91,7 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
 class _Metrics:
     """metrics.jsonl plus TensorBoard, written by rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         # Kept open for the whole run (closed in close()); appends survive a resume.
         self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None  # noqa: SIM115
@@ -96,7 +100,8 @@ class _Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # purge_step: TensorBoard drops the events of the steps a resume replays (from purge_step on).
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 log.warning("tensorboard is not installed: no event files will be written")
 
@@ -192,8 +197,13 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 # --------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False) -> TrainResult:
-    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary."""
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary.
+
+    A new run refuses a folder that holds one unless ``overwrite``; the folder is locked
+    for the run's duration (:mod:`.rundir`); the data is checked before the first step
+    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows."""
     from ..data.targets import batch_targets
     from ..data.transforms import network_input
     from ..models import build_model, save_model
@@ -201,32 +211,48 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
     from .graphed import GraphedTrainStep
 
     run_dir = Path(run_dir)
+    changes: list[str] = []
     if resume:
         # A run continues as it was configured: the saved configuration wins (before any set-up).
         from ..config import load_yaml
 
         saved = load_yaml(TrainConfig, run_dir / "config.yaml")
-        if to_dict(saved) != to_dict(config):
-            warnings.warn(f"resuming {run_dir} with the configuration saved there; the one passed in "
-                          "differs and is ignored", stacklevel=2)
-        config = saved
+        config, changes, refused = resume_config(saved, config)
+        if refused:
+            warnings.warn(f"resuming {run_dir} with the configuration saved there; {', '.join(refused)} "
+                          "differ(s) in the one passed in and is ignored", stacklevel=2)
+    config = absolute_paths(config)
     config.validate()
     env = D.setup(config.runtime.device)
     rt, oc = config.runtime, config.optim
+    lock = RunLock(run_dir)
     try:
         if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            if not resume:
+                prepare_new_run(run_dir, overwrite)
         D.barrier()
         _setup_logging(run_dir, env.is_main)
-        if env.is_main and not resume:
-            save_yaml(config, run_dir / "config.yaml")
-
+        if env.is_main:
+            lock.log_takeover()
+            remove_stale_temporaries(run_dir)
+        resumed_run = resume
+        if resume:
+            for line in changes:
+                log.info("resume: %s", line)
+            if not (run_dir / STATE_FILE).exists():
+                log.info("%s has no complete training state (stopped before its first checkpoint): "
+                         "starting it from scratch", run_dir)
+                resume = False
         torch.manual_seed(rt.seed)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = rt.cudnn_benchmark
         torch.autograd.set_detect_anomaly(rt.detect_anomaly)
 
         definition = get_definition(config.model.definition)
+        preflight(config, definition)
+        if env.is_main and (not resume or changes):
+            save_yaml(config, run_dir / "config.yaml")
         train_ds, _, train_loader, val_loader, sampler = build_loaders(config, definition, env)
         size, hsize = config.model.input_size, config.model.heatmap_size
 
@@ -254,6 +280,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
                 ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            scheduler.milestones, scheduler.gamma = Counter(oc.milestones), oc.gamma  # a resume may change them
             scaler.load_state_dict(state["scaler"])
             start_epoch, start_step = state["epoch"], state["step"]
             best, counters, history = state["best"], state["counters"], state.get("history", [])
@@ -269,8 +296,12 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
             net = torch.compile(net)
             criterion = torch.compile(criterion)  # fuses STAR's many small per-landmark kernels
 
-        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard)
         steps_per_epoch = sampler.batches_per_epoch()
+        resumed_at = start_epoch * steps_per_epoch + start_step if resumed_run else None
+        if env.is_main and resumed_run:
+            truncate_metrics(run_dir, resumed_at, steps_per_epoch)
+        purge = None if resumed_at is None else resumed_at + 1  # the first step a resume replays
+        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard, purge_step=purge)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
                  definition.name, len(train_ds), steps_per_epoch, env.world_size, env.device, n_params / 1e6)
@@ -416,7 +447,14 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False)
         last_val = {k: v for k, v in (history[-1].items() if history else []) if k in ("nme", "nme_ema")}
         return TrainResult(run_dir, epochs_done, best["nme"], best["epoch"], best["source"], last_val,
                            skipped, stopped, history)
+    except Exception as exc:  # errors a user can fix: one line (rundir.run_failure), not a traceback
+        failure = run_failure(exc, run_dir)
+        if failure is None:
+            raise
+        log.error("%s", failure)
+        raise failure from exc
     finally:
+        lock.release()
         D.teardown()
 
 

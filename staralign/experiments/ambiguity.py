@@ -195,7 +195,8 @@ def run_ambiguity_experiment(
             config = tiny_config(data, workers, device, seed, {
                 "optim": {"epochs": epochs}, "runtime": {"tensorboard": False}, **METHODS[method]}, overrides)
             t = time.monotonic()
-            if resume and (run_dir / "train_state.pt").exists():
+            # A run killed before its first checkpoint resumes too: the trainer starts it afresh.
+            if resume and (run_dir / "config.yaml").exists():
                 say(f"resuming {method} (seed {seed}) in {run_dir}")
                 trained = train_run(config, run_dir, resume=True)
             else:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write
+from .._io import atomic_write, same_file
 from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
 __all__ = ["register", "run_export", "run_predict"]
@@ -96,6 +96,17 @@ class _Outputs:
 
     def __init__(self, out_dir: Path | None) -> None:
         self.out_dir, self.used = out_dir, set()
+        self.inputs: set[Path] = set()  # resolved input paths: never written over
+
+    def safe(self, target: Path) -> Path:
+        """``target``, or another name beside it when it is one of the inputs (said on stderr)."""
+        from .._io import avoid_inputs
+
+        chosen = avoid_inputs(target, self.inputs)
+        if chosen != target:
+            print(f"staralign predict: {target} is an input, not replaced; the annotated copy is {chosen}",
+                  file=sys.stderr)
+        return chosen
 
     def path_for(self, relative: Path, suffix: str | None = None) -> Path | None:
         if self.out_dir is None:
@@ -107,7 +118,7 @@ class _Outputs:
             k += 1
         self.used.add(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        return self.safe(target)
 
 
 class _Predictor:
@@ -159,7 +170,7 @@ class _Predictor:
                     except cv2.error:
                         ok = False
                     if not ok:  # an extension OpenCV cannot write: PNG instead
-                        target = target.with_suffix(".png")
+                        target = self.outputs.safe(target.with_suffix(".png"))
                         cv2.imwrite(str(target), drawn)
                     record["output"] = str(target)
                 records.append(record)
@@ -248,6 +259,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from .report import report_header
 
     boxes = [_parse_box(b) for b in args.box] if args.box else None
+    if args.json and args.json != "-" and any(same_file(args.json, p) for p in args.inputs):
+        raise UserError(f"--json {args.json} is one of the inputs; choose another file name")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     args.weights = str(resolve_weights(args.weights))  # a name is fetched into the cache once
@@ -267,6 +280,7 @@ def run_predict(args: argparse.Namespace) -> int:
         # The header now: fails here, once, if the face detector is unavailable.
         header = report_header(det, str(args.weights), box=boxes is not None)
         predictor = _Predictor(args, det, boxes)
+        predictor.outputs.inputs = {i.path.resolve() for i in items}
     except (ValueError, FaceDetectorError, OSError) as exc:
         raise UserError(str(exc)) from exc
     records: list[dict] = []

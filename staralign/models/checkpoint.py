@@ -13,7 +13,14 @@ Two formats are read:
   schedule) is not in it: the training engine keeps that separately.
 
 ``torch.load`` always runs with ``weights_only=True`` unless the caller opts in
-to full unpickling, which can execute arbitrary code.
+to full unpickling, which can execute arbitrary code; a file that is neither a
+safetensors file nor a PyTorch archive or pickle is "not a checkpoint" before
+``torch.load`` sees it (:func:`safe_torch_load`, also used for training state).
+
+A file's claims are checked before anything is built (:func:`check_architecture`): a
+network's stacks, levels, channels, input size and point count within
+:data:`ARCH_LIMITS`, and the weights present for exactly the stacks it claims, so a
+crafted header cannot make the loader build a giant model or allocate terabytes.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ __all__ = [
     "infer_model_config",
     "load_model",
     "read_state_dict",
+    "safe_torch_load",
     "save_model",
     "unwrap",
 ]
@@ -57,6 +65,10 @@ METADATA_KEY = "staralign"
 # Input size assumed for checkpoints that do not record one (the official recipe's).
 DEFAULT_INPUT_SIZE = 256
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What a loadable network may claim (the paper's model: 4 stacks, 4 levels, 256 channels,
+# input 256, 98 points); far beyond any real model, far below what exhausts a machine.
+ARCH_LIMITS = {"nstack": 16, "nlevels": 6, "channels": 2048, "stem_channels": 2048, "input_size": 2048,
+               "num_points": 2000, "num_edges": 2000}
 
 
 class CheckpointError(ValueError):
@@ -92,22 +104,67 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
     return tensors, info
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> Any:
+def _looks_like_torch(path: Path) -> bool:
+    """A zip archive (``torch.save`` since 1.6) or a pickle (older ``torch.save``)."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu",
+                    allow_pickle: bool = False, error: type[Exception] | None = None) -> Any:
+    """``torch.load`` of ``path`` with ``weights_only`` (unless ``allow_pickle``), raising
+    ``error`` (default :class:`CheckpointError`) as one line: "not a WHAT" for a file that is
+    no PyTorch file at all, the ``--allow-pickle`` hint only for a real pickle of Python objects."""
+    path, error = Path(path), error or CheckpointError
+    if not _looks_like_torch(path):
+        raise error(f"{path}: not a {what} (neither a safetensors file nor a PyTorch file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        return torch.load(path, map_location=map_location, weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        if not allow_pickle and "weights only" in str(exc).lower():
-            raise CheckpointError(
+        text = str(exc)
+        if not allow_pickle and "unsupported global" in text.lower() and what == "checkpoint":
+            raise error(
                 f"{path}: this file needs full unpickling (it stores Python objects besides "
                 "tensors), and unpickling can run arbitrary code, so it is refused by default. "
                 "If you trust where the file came from, opt in with allow_pickle=True "
                 "(command line: --allow-pickle)."
             ) from exc
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {exc}") from exc
+        if not allow_pickle and "unsupported global" in text.lower():
+            refused = next((x.strip() for x in text.splitlines() if "unsupported global" in x.lower()), "")
+            raise error(f"{path}: refused: it stores Python objects besides tensors, which could run code "
+                        f"when loaded ({refused})") from exc
+        raise error(f"{path}: not a {what}: {_first_line(text)}") from exc
     except Exception as exc:  # torch.load raises many types on foreign files
-        raise CheckpointError(
-            f"{path}: not a PyTorch or safetensors checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise error(f"{path}: not a {what} ({type(exc).__name__}: {_first_line(str(exc))})") from exc
+
+
+def _first_line(text: str) -> str:
+    """The line of a (torch) error message that says what went wrong, not its boilerplate."""
+    boiler = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return next((x for x in lines if not x.startswith(boiler)), lines[0] if lines else "")
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    return safe_torch_load(path, "checkpoint", allow_pickle=allow_pickle)
+
+
+def check_architecture(config: ModelConfig, state: Mapping[str, Tensor], path: Path,
+                       num_points: int | None = None, num_edges: int | None = None) -> None:
+    """Refuse a network beyond :data:`ARCH_LIMITS`, or whose weights cover other stacks than
+    it claims -- before anything is built or allocated."""
+    claims = {"nstack": config.nstack, "nlevels": config.nlevels, "channels": config.channels,
+              "stem_channels": max(config.stem_channels, default=0), "input_size": config.input_size,
+              "num_points": num_points or 0, "num_edges": num_edges or 0}
+    for key, value in claims.items():
+        if not isinstance(value, int) or value > ARCH_LIMITS[key]:
+            raise CheckpointError(f"{path}: claims {key} {value}, beyond what staralign loads "
+                                  f"(at most {ARCH_LIMITS[key]}): not a usable checkpoint")
+    stacks = {k.split(".")[1] for k in state if k.startswith("hgs.") and k.count(".") > 1}
+    if stacks != {str(i) for i in range(config.nstack)}:
+        raise CheckpointError(f"{path}: claims {config.nstack} stack(s) but holds weights for "
+                              f"{len(stacks)}: not a consistent checkpoint")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -300,6 +357,10 @@ def load_model(
     if info is not None:
         try:
             config = from_dict(ModelConfig, info.get("config"), "config")
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: stored model {exc}") from exc
+        check_architecture(config, state, path)  # before validate(): 2 ** nlevels of a crafted nlevels hangs
+        try:
             config.validate()
         except ConfigError as exc:
             raise CheckpointError(f"{path}: stored model {exc}") from exc
@@ -308,7 +369,10 @@ def load_model(
     else:
         config, num_points, num_edges = infer_model_config(state, str(path))
         stored_definition = None
+    if info is None:
+        check_architecture(config, state, path)
     resolved = _resolve_definition(definition, stored_definition, num_points, path)
+    check_architecture(config, state, path, resolved.num_points, resolved.num_edges)
     if info is None:
         if resolved.num_points != num_points or (config.use_aam and resolved.num_edges != num_edges):
             raise CheckpointError(
