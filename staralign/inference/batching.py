@@ -51,7 +51,7 @@ class BatchQueueFull(RuntimeError):
     """More crops are waiting than the batcher's ``max_queue``: the caller should refuse (busy), not wait."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: rows are arrays
 class _Job:
     rows: np.ndarray
     key: Hashable
