@@ -203,22 +203,28 @@ class BatchingBackend:
     """A :class:`~staralign.inference.detector.Backend` whose :meth:`run` shares calls between threads.
 
     Everything but ``run`` is the wrapped backend's.  Calls asking for ambiguity and
-    calls not asking for it are batched separately (the key), so each gets what a
-    direct call would give.
+    calls not asking for it (and calls with different further options) are batched
+    separately (the key), so each gets what a direct call would give.
     """
 
     def __init__(self, backend: Any, max_batch: int = 8, max_wait_s: float = 0.005, max_queue: int = 64) -> None:
         self.inner = backend
-        self.batcher = MicroBatcher(lambda rows, amb: backend.run(rows, bool(amb)), max_batch=max_batch,
-                                    max_wait_s=max_wait_s, max_queue=max_queue)
+
+        def call(rows: np.ndarray, key: Hashable) -> tuple[Any, ...]:
+            ambiguity, options = key  # type: ignore[misc]
+            return tuple(backend.run(rows, ambiguity, **dict(options)))
+
+        self.batcher = MicroBatcher(call, max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue)
 
     def __getattr__(self, name: str) -> Any:  # name, definition, input_size, device, conversions, ...
         if name in ("inner", "batcher"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        landmarks, cov = self.batcher.run(np.asarray(batch), bool(ambiguity))
+    def run(self, batch: np.ndarray, ambiguity: bool = True, **options: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """The wrapped backend's ``run``, shared with concurrent callers asking the same (``ambiguity``
+        and any further keyword options, which must be hashable, go into the batch key)."""
+        landmarks, cov = self.batcher.run(np.asarray(batch), (bool(ambiguity), tuple(sorted(options.items()))))
         return landmarks, cov
 
     def close(self) -> None:
