@@ -457,3 +457,32 @@ def test_batching_backend_keeps_calls_with_different_options_apart():
     for (value, amb, stacks), (points, cov) in zip(jobs, got, strict=True):
         assert points[0, 0] == value * stacks and (cov is None) == (not amb)
     assert sum(n for n, _, _ in fake.calls) == 12 and shared.name == "fake"
+
+
+def test_a_trickling_upload_meets_the_body_deadline(detector):
+    """A body that keeps arriving, a few bytes at a time, is cut off at the deadline, not the pause limit."""
+    import asyncio
+
+    app = create_app(detector, guard=GuardSettings(body_idle_s=1.0, body_deadline_s=1.5))
+    sent: list[dict] = []
+    pieces = 0
+
+    async def receive():
+        nonlocal pieces
+        await asyncio.sleep(0.2)  # never a pause near body_idle_s
+        pieces += 1
+        return {"type": "http.request", "body": b"\x89PNG"[:1], "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/landmarks", "raw_path": b"/api/landmarks", "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"testserver"), (b"content-type", b"image/png")],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    took = time.monotonic() - start
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"] == "upload_timeout"
+    assert 1.5 <= took < 4 and pieces >= 5
