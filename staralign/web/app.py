@@ -3,10 +3,12 @@
 Design choices, each for a reason:
 
 * One :class:`~staralign.inference.LandmarkDetector` is loaded before the app is
-  built and shared by every request; model calls are serialised with a lock (a
-  network on a 2-core laptop gains nothing from running twice at once, and the
-  face detector and backends need not be thread-safe), image decoding runs beside
-  it, in worker threads, so the event loop keeps answering.
+  built and shared by every request.  Each request decodes its image and finds its
+  faces in a worker thread (the face detector one call at a time, it keeps state);
+  the crops then go through a micro-batching queue
+  (:mod:`staralign.inference.batching`): crops of requests that arrive within a few
+  milliseconds run through the network together, in one call, on one thread, and
+  each request gets back its own rows.  The event loop keeps answering meanwhile.
 * Uploads are read from the raw stream (:mod:`.uploads`): nothing goes to disk,
   the size limit holds while reading.  The type comes from the magic bytes and
   the size from the header (:mod:`.images`) before the decoder sees the file.
@@ -16,11 +18,16 @@ Design choices, each for a reason:
 * The page is plain HTML, JavaScript and CSS from the package, with a
   Content-Security-Policy that forbids any other origin, so it works offline and
   a stray CDN link would fail the browser test rather than phone home.
+* Who may send what, and how slowly (Host and Origin checks, uploads per client,
+  the body-read timeout) is the guard's (:mod:`.guard`); connection limits are the
+  server's (:mod:`.server`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -37,22 +44,21 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .guard import CSP, Guard, GuardSettings
 from .images import ACCEPTED_TYPES, HeaderError, describe_unsupported, image_size, sniff_type
 from .uploads import ApiError, read_upload
 
 if TYPE_CHECKING:
     from ..inference.detector import LandmarkDetector
 
-__all__ = ["STATIC_DIR", "Limits", "LandmarkService", "create_app"]
+__all__ = ["CSP", "MAX_BOX_OVER_IMAGE", "STATIC_DIR", "Limits", "LandmarkService", "create_app"]
 
 log = logging.getLogger("staralign.web")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-       "media-src 'self' blob: mediastream:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
-       "frame-ancestors 'none'")
+# A given face box may be at most this many times the image's longer side, and must overlap the image.
+MAX_BOX_OVER_IMAGE = 4.0
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,9 @@ class ImageRecord(BaseModel):
 class Timing(BaseModel):
     read_ms: float = Field(description="receiving the upload")
     decode_ms: float = Field(description="checking and decoding the image")
-    wait_ms: float = Field(description="waiting for the model (other requests first)")
-    inference_ms: float = Field(description="face detection, network and ambiguity")
+    wait_ms: float = Field(description="waiting for a decoding slot (other requests first)")
+    inference_ms: float = Field(description="face detection, network (shared with the requests batched "
+                                            "with this one) and ambiguity")
     total_ms: float = Field(description="from the first byte read to the answer")
 
 
@@ -161,6 +168,8 @@ class InfoResponse(BaseModel):
     definition: LayoutOut = Field(description="the model's own landmark definition")
     formats: dict[str, LayoutOut] = Field(description="accepted values of ?format= and the layout each gives")
     limits: LimitsOut
+    max_batch: int = Field(description="most faces of concurrent requests run through the network in one call "
+                                        "(1: no batching)")
     accepted_types: list[str] = Field(description="image types accepted (checked by magic bytes)")
 
 
@@ -185,17 +194,47 @@ def _ms(seconds: float) -> float:
 
 
 class LandmarkService:
-    """One detector shared by all requests: validates, decodes and runs images one model call at a time."""
+    """One detector shared by all requests: validates and decodes images, batches their crops.
 
-    def __init__(self, detector: LandmarkDetector, weights_name: str, limits: Limits, decode_slots: int = 2) -> None:
+    ``max_batch``: most crops in one network call (1: every request alone, one call
+    at a time); ``batch_wait_s``: how long a crop waits for others to join it.
+    ``decode_slots`` (default ``max_batch``) bounds the decoded images held at once.
+    """
+
+    def __init__(self, detector: LandmarkDetector, weights_name: str, limits: Limits,
+                 decode_slots: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.005) -> None:
+        from ..inference.batching import BatchingBackend, LockedFaceDetector
+        from ..inference.detector import LandmarkDetector
         from ..inference.report import face_detector_name
 
-        self.detector, self.weights_name, self.limits = detector, weights_name, limits
-        self.lock = threading.Lock()
-        self._decode_slots = threading.BoundedSemaphore(max(1, decode_slots))
+        self.weights_name, self.limits = weights_name, limits
+        self.max_batch = max(1, int(max_batch))
+        self._decode_slots = threading.BoundedSemaphore(max(1, decode_slots or self.max_batch))
         self.layouts = detector.formats()  # the values ?format= accepts, and the layout of each
         # Created now, not on the first request: an unavailable detector fails at start-up.
         self.detector_name = face_detector_name(detector)
+        # What requests run on: the loaded detector's face detector (one call at a time) and
+        # network, whose calls the batching backend merges across requests.
+        self.batching = BatchingBackend(detector.backend, max_batch=self.max_batch, max_wait_s=batch_wait_s,
+                                        max_queue=4 * self.max_batch)
+        self.detector = LandmarkDetector(self.batching, detector=LockedFaceDetector(detector.face_detector),
+                                         format=detector.format, batch_size=self.max_batch,
+                                         ambiguity=detector.ambiguity)
+        self._named_face_detectors: dict[str, Any] = {}
+        self._named_lock = threading.Lock()
+
+    def face_detector(self, name: str | None) -> Any:
+        """The face detector of one request: the server's own (``name`` None or its name) or a
+        named one from :data:`WEB_DETECTORS`, each created once and called by one thread at a time."""
+        from ..inference.batching import LockedFaceDetector
+        from ..inference.faces import get_face_detector
+
+        if name is None or name == self.detector_name:
+            return self.detector.face_detector
+        with self._named_lock:
+            if name not in self._named_face_detectors:
+                self._named_face_detectors[name] = LockedFaceDetector(get_face_detector(name))
+            return self._named_face_detectors[name]
 
     def info(self) -> dict[str, Any]:
         from .. import __version__
@@ -215,6 +254,7 @@ class LandmarkService:
             "formats": {k: _layout_dict(v) for k, v in self.layouts.items()},
             "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels,
                        "max_side": self.limits.max_side},
+            "max_batch": self.max_batch,
             "accepted_types": list(ACCEPTED_TYPES.values()),
         }
 
@@ -268,6 +308,8 @@ class LandmarkService:
         with self._decode_slots:
             t1 = time.perf_counter()
             image = self.decode(data)
+            if box is not None:
+                check_box_fits(box, image.shape[1], image.shape[0])
             t2 = time.perf_counter()
             report, wait, infer = self.predict(image, name, ambiguity, fmt, box, face_detector)
         return report, {"decode": t2 - t1, "wait": wait + (t1 - t0), "inference": infer}
@@ -278,27 +320,44 @@ class LandmarkService:
         """The ``staralign predict`` report for one image; returns (report, wait s, inference s).
 
         ``face_detector``: a name from :data:`WEB_DETECTORS` for this image (None: the server's)."""
+        from ..inference.batching import BatchQueueFull
         from ..inference.detector import ModelOutputError
         from ..inference.faces import FaceDetectorError
         from ..inference.report import report_header
 
-        t0 = time.perf_counter()
-        with self.lock:
-            t1 = time.perf_counter()
-            try:
-                used = self.detector.face_detector_for(face_detector)
-                faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity, detector=face_detector)
-            except FaceDetectorError as exc:
-                raise ApiError(422, "bad_detector", f"detector={face_detector!r} is unavailable: {exc}") from None
-            except ModelOutputError as exc:
-                raise ApiError(500, "model_output_not_finite", str(exc)) from None
-            t2 = time.perf_counter()
+        t1 = time.perf_counter()
+        try:
+            used = self.face_detector(face_detector)
+            faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity, detector=used)
+        except FaceDetectorError as exc:
+            raise ApiError(422, "bad_detector", f"detector={face_detector!r} is unavailable: {exc}") from None
+        except ModelOutputError as exc:
+            raise ApiError(500, "model_output_not_finite", str(exc)) from None
+        except BatchQueueFull:
+            raise ApiError(503, "busy", "the model has too much work queued; try again in a moment",
+                           headers={"retry-after": "1"}) from None
+        t2 = time.perf_counter()
         record = {"path": name, "type": "image", "width": int(image.shape[1]), "height": int(image.shape[0]),
                   "faces": [f.to_dict(ambiguity=ambiguity) for f in faces]}
         report = {**report_header(self.detector, self.weights_name, box=box is not None, format=fmt,
                                   face_detector=used),
                   "inputs": [record], "errors": []}
-        return report, t1 - t0, t2 - t1
+        return report, 0.0, t2 - t1
+
+
+def check_box_fits(box: tuple[float, float, float, float], width: int, height: int) -> None:
+    """422 for a box no face in this image can have: sides under a pixel or over
+    :data:`MAX_BOX_OVER_IMAGE` times the image's longer side, or no overlap with the image."""
+    x1, y1, x2, y2 = box
+    shown = ",".join(f"{v:g}" for v in box)
+    longest = MAX_BOX_OVER_IMAGE * max(width, height)
+    if not all(math.isfinite(v) for v in box) or not (x2 - x1 >= 1 and y2 - y1 >= 1):
+        raise ApiError(422, "bad_box", f"box={shown}: a face box needs x2 - x1 >= 1 and y2 - y1 >= 1 pixels")
+    if x2 - x1 > longest or y2 - y1 > longest:
+        raise ApiError(422, "bad_box", f"box={shown} is larger than {MAX_BOX_OVER_IMAGE:g} times this "
+                                       f"{width}x{height} image; give the face's box in the image's pixels")
+    if x1 >= width - 0.5 or y1 >= height - 0.5 or x2 <= -0.5 or y2 <= -0.5:
+        raise ApiError(422, "bad_box", f"box={shown} lies outside this {width}x{height} image")
 
 
 def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -312,52 +371,6 @@ def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
         raise ApiError(422, "bad_box", f"box={text!r}: {exc}") from None
 
 
-# --------------------------------------------------------------------------- ASGI guard
-
-
-def _host_of(header: str) -> str:
-    """The host part of a Host header, without the port ("[::1]:8000" -> "::1")."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-class _Guard:
-    """Security headers on every answer and, when bound to loopback, a Host-header check.
-
-    The Host check stops DNS rebinding: a web page on another site that resolves its
-    own name to 127.0.0.1 must not be able to use (and read) the local server.
-    """
-
-    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str] | None) -> None:
-        self.app = app
-        self.allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.allowed is not None:
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
-            if _host_of(host) not in self.allowed:
-                body = JSONResponse({"error": "bad_host", "message": f"Host {host!r} is not served here; "
-                                     f"open http://127.0.0.1:{scope.get('server', ('', ''))[1]}/"}, 400)
-                await body(scope, receive, send)
-                return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                            (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
-                            (b"permissions-policy", b"camera=(self), microphone=()")]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 # --------------------------------------------------------------------------- the app
 
 
@@ -365,7 +378,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "corrupt image, malformed or empty upload"},
     413: {"model": ErrorResponse, "description": "upload over the byte limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not a JPEG, PNG, BMP or WebP image, or a wrong Content-Type"},
+    403: {"model": ErrorResponse, "description": "a cross-origin request (see staralign serve --allow-origin)"},
+    408: {"model": ErrorResponse, "description": "the upload stalled or took too long"},
     422: {"model": ErrorResponse, "description": "bad query option (format, box, ambiguity)"},
+    429: {"model": ErrorResponse, "description": "too many uploads in progress from this client"},
+    503: {"model": ErrorResponse, "description": "too much work queued for the model"},
 }
 _IMAGE_BODY = {"type": "string", "format": "binary"}
 _REQUEST_BODY = {
@@ -380,16 +397,25 @@ _REQUEST_BODY = {
 
 
 def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limits: Limits | None = None,
-               allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+               guard: GuardSettings | None = None, max_batch: int = 8, batch_wait_s: float = 0.005) -> FastAPI:
     """The web app around a loaded :class:`~staralign.inference.LandmarkDetector`.
 
     ``weights_name`` is shown to users (a file name, not a server path).
     ``allowed_hosts``: Host header values accepted (None: any; ``staralign serve``
-    passes the loopback names when listening on loopback).
+    passes the loopback names when listening on loopback).  ``allowed_origins``:
+    other sites whose pages may POST here.  ``guard``: the rest of the guard's
+    settings (uploads per client, body timeouts).  ``max_batch``, ``batch_wait_s``:
+    the micro-batching of crops across requests (``max_batch=1`` turns it off).
     """
     from .. import __version__
 
-    service = LandmarkService(detector, weights_name, limits or Limits())
+    guard = guard or GuardSettings()
+    guard = dataclasses.replace(
+        guard, allowed_hosts=guard.allowed_hosts if allowed_hosts is None else tuple(allowed_hosts),
+        allowed_origins=(*guard.allowed_origins, *allowed_origins))
+    service = LandmarkService(detector, weights_name, limits or Limits(), max_batch=max_batch,
+                              batch_wait_s=batch_wait_s)
     app = FastAPI(title="staralign web", version=__version__, docs_url=None, redoc_url=None,
                   description="Facial landmarks and their ambiguity (STAR loss) for one uploaded image. "
                               "The interactive docs pages are off because they load assets from a CDN; "
@@ -398,7 +424,7 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status)
+        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -415,7 +441,7 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
         log.exception("unexpected error in %s", request.url.path)
         return JSONResponse({"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"}, 500)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -423,6 +449,8 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
     async def info() -> dict[str, Any]:
         """What the page needs to draw: the landmark definition (edges, flip pairs), formats, limits."""
         return service.info()
+
+    app.add_api_route("/api/info", info, methods=["HEAD"], response_model=InfoResponse, include_in_schema=False)
 
     @app.post("/api/landmarks", response_model=LandmarksResponse, responses=_ERRORS,
               summary="Faces, landmarks and ambiguity in one image",
@@ -460,5 +488,5 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
         return JSONResponse(report)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
+    app.add_middleware(Guard, settings=guard)
     return app

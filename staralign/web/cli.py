@@ -46,6 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (can run code: trusted files only)")
     p.add_argument("--ema", action="store_true", help="use a training checkpoint's EMA weights")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept uploads from pages of this site, e.g. http://localhost:3000 (repeatable; "
+                        "by default only this server's own page may POST)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="most faces of concurrent requests run through the network in one call (1 turns "
+                        "batching off; default 8)")
+    p.add_argument("--upload-timeout", type=float, default=10.0, metavar="S",
+                   help="close an upload that sends nothing for this many seconds (default 10; a whole body "
+                        "must arrive within 6 times that)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.set_defaults(func=run_serve)
 
@@ -90,13 +99,23 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as exc:
         raise UserError(f"the web page needs FastAPI and uvicorn: pip install 'staralign[web]' ({exc})") from exc
     if not args.max_upload_mb > 0 or not args.max_megapixels > 0:
         raise UserError("--max-upload-mb and --max-megapixels must be positive")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    if not 1 <= args.max_batch <= 256:
+        raise UserError(f"--max-batch must be between 1 and 256, got {args.max_batch}")
+    if not 0 < args.upload_timeout <= 3600:
+        raise UserError(f"--upload-timeout must be between 0 and 3600 seconds, got {args.upload_timeout:g}")
+    from .guard import GuardSettings, normalise_origin
+
+    try:
+        origins = tuple(normalise_origin(o) for o in args.allow_origin)
+    except ValueError as exc:
+        raise UserError(f"--allow-origin: {exc}") from None
 
     from ..hub import resolve_weights
     from ..inference.detector import LandmarkDetector
@@ -111,7 +130,10 @@ def run_serve(args: argparse.Namespace) -> int:
                         max_pixels=int(args.max_megapixels * 1e6))
         loopback = is_loopback(args.host)
         allowed = sorted({*LOOPBACK_NAMES, args.host.strip("[]").lower()}) if loopback else None
-        app = create_app(det, weights_name=Path(args.weights).name, limits=limits, allowed_hosts=allowed)
+        guard = GuardSettings(allowed_origins=origins, body_idle_s=args.upload_timeout,
+                              body_deadline_s=6 * args.upload_timeout)
+        app = create_app(det, weights_name=Path(args.weights).name, limits=limits, allowed_hosts=allowed,
+                         guard=guard, max_batch=args.max_batch)
     except (ValueError, FaceDetectorError, OSError) as exc:
         raise UserError(str(exc)) from exc
 
@@ -136,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import webbrowser
 
         threading.Timer(1.0, webbrowser.open, [url]).start()
-    config = uvicorn.Config(app, log_level="info", server_header=False, proxy_headers=False,
-                            timeout_keep_alive=5, limit_concurrency=64)
-    uvicorn.Server(config).run(sockets=[sock])
+    from .server import make_server
+
+    make_server(app).run(sockets=[sock])
     return 0

@@ -12,9 +12,12 @@ body costs at most one chunk more than the limit.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.requests import Request
 
@@ -23,6 +26,7 @@ __all__ = ["MULTIPART_SLACK", "ApiError", "Upload", "read_upload"]
 # Room for multipart boundaries and part headers on top of the image's own limit.
 MULTIPART_SLACK = 64 * 1024
 FILE_FIELD = "file"
+_EXTENDED_FILENAME = re.compile(rb"filename\*\s*=\s*([A-Za-z0-9_-]*)'[^']*'([^;\s]+)", re.IGNORECASE)
 RAW_TYPES_HINT = ("send multipart/form-data with the image in a field named 'file', "
                   "or the raw image bytes with Content-Type: image/jpeg, image/png, image/bmp or image/webp")
 
@@ -30,9 +34,10 @@ RAW_TYPES_HINT = ("send multipart/form-data with the image in a field named 'fil
 class ApiError(Exception):
     """An error answered as JSON ``{"error": code, "message": message}`` with an HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,30 @@ def _too_large(limit: int, what: str) -> ApiError:
                     "(staralign serve --max-upload-mb); send a smaller image")
 
 
-def _parse_options(value: str) -> tuple[str, dict[str, str]]:
+def _parse_options(value: str | bytes) -> tuple[str, dict[str, str]]:
+    """A header's value and parameters; parameter values are read as UTF-8.
+
+    Browsers send a file's name as raw UTF-8 bytes in the multipart part header
+    (``filename="照片.jpg"``, as the HTML standard says), and HTTP headers reach us
+    as Latin-1 text, so a ``str`` is turned back into its bytes first (Latin-1 if
+    it can be, else UTF-8) and the parser gets bytes, never text it would have to
+    encode itself.
+    """
     from python_multipart.multipart import parse_options_header
 
+    if isinstance(value, str):
+        try:
+            value = value.encode("latin-1")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8")
     media, params = parse_options_header(value)
-    return (media.decode("latin-1").lower(),
-            {k.decode("latin-1").lower(): v.decode("utf-8", "replace") for k, v in params.items()})
+    out = {k.decode("latin-1").lower(): v.decode("utf-8", "replace") for k, v in params.items()}
+    extended = _EXTENDED_FILENAME.search(value)  # RFC 6266: filename*=UTF-8''%E7%85%A7.jpg wins
+    if extended:
+        charset = extended.group(1).decode("latin-1").strip() or "utf-8"
+        with contextlib.suppress(LookupError):  # an unknown charset: keep the plain filename
+            out["filename"] = unquote(extended.group(2).decode("latin-1"), encoding=charset, errors="replace")
+    return media.decode("latin-1").lower(), out
 
 
 def _clean_name(name: str) -> str:
@@ -93,7 +116,7 @@ class _MultipartFile:
         self._headers = {}
 
     def _header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("utf-8", "replace")
+        self._headers[self._field.decode("latin-1").strip().lower()] = self._value.decode("latin-1")
         self._field.clear()
         self._value.clear()
 
