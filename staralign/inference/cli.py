@@ -156,6 +156,7 @@ class _Predictor:
                         cv2.imwrite(str(target), drawn)
                     record["output"] = str(target)
                 records.append(record)
+                progress.set_postfix(last=item.path.name)
                 progress.update(1)
 
     def video(self, item: Any, errors: list, records: list) -> None:
@@ -185,9 +186,13 @@ class _Predictor:
                 return
         frames: list[dict] = []
         batch: list = []
+        from ..progress import progress
+
+        bar = progress(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None, f"predict {item.path.name}", "frame")
 
         def flush() -> None:
             found = self.det.detect_batch(batch, boxes=[self.boxes] * len(batch), ambiguity=self.ambiguity)
+            bar.update(len(found))
             for frame, faces in zip(batch, found, strict=True):
                 index = len(frames)
                 frames.append({"index": index, "time": round(index / fps, 4), "faces": self.faces_json(faces)})
@@ -206,6 +211,7 @@ class _Predictor:
             if batch:
                 flush()
         finally:
+            bar.close()
             cap.release()
             if writer is not None:
                 writer.release()
@@ -255,11 +261,11 @@ def run_predict(args: argparse.Namespace) -> int:
     records: list[dict] = []
     images = [i for i in items if i.kind == "image"]
     videos = [i for i in items if i.kind == "video"]
-    from tqdm import tqdm
+    from ..progress import progress
 
-    with tqdm(total=len(images), unit="image", disable=len(images) < 2 or None, file=sys.stderr) as progress:
-        predictor.images(images, errors, records, progress)
-    for item in tqdm(videos, unit="video", disable=len(videos) < 2 or None, file=sys.stderr):
+    with progress(len(images), "predict", "image", enabled=bool(images)) as bar:
+        predictor.images(images, errors, records, bar)
+    for item in videos:  # each video shows its own frames
         predictor.video(item, errors, records)
 
     order = {str(i.path): k for k, i in enumerate(items)}
