@@ -693,8 +693,9 @@ def bench_train(args) -> dict:
         if graphed is not None:
             graphed(images, landmarks, pm, em)
             return
-        # The original runs with anomaly detection on, forward and backward.
-        with torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext():
+        # The original runs with anomaly detection on, forward and backward (set_detect_anomaly:
+        # the same mode, restored on exit, without detect_anomaly's warning at every step).
+        with torch.autograd.set_detect_anomaly(True) if args.original_style else contextlib.nullcontext():
             train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks, pm, em,
                        amp=args.amp, grad_clip=optim.grad_clip)
 
