@@ -253,6 +253,10 @@ def run_predict(args: argparse.Namespace) -> int:
         det = LandmarkDetector.from_checkpoint(
             args.weights, device=args.device, detector=args.detector, allow_pickle=args.allow_pickle,
             ema=args.ema, format=args.format, batch_size=args.batch_size)
+        if (args.ambiguity or args.draw_ambiguity) and not det.backend.has_ambiguity:
+            raise UserError(f"{args.weights} has no ambiguity outputs (an .onnx file exported without "
+                            "--with-ambiguity): export it again with 'staralign export --weights CKPT --onnx "
+                            f"{args.weights} --with-ambiguity', or leave out --ambiguity/--draw-ambiguity")
         # The header now: fails here, once, if the face detector is unavailable.
         header = report_header(det, str(args.weights), box=boxes is not None)
         predictor = _Predictor(args, det, boxes)
