@@ -21,6 +21,7 @@ from staralign.experiments.demo import (
     plan_demo,
     prepare_out,
     run_demo,
+    threads_for_load,
     verdict,
 )
 
@@ -200,3 +201,10 @@ def test_demo_ending_mid_epoch_still_evaluates_and_reports(tmp_path, capsys):
     (tmp_path / "run" / "stale.txt").write_text("from the first demo")
     run_demo(tmp_path, minutes=5, train=24, test=8, workers=0, quiet=True, overrides=over)
     assert not (tmp_path / "run" / "stale.txt").exists()
+
+
+def test_demo_uses_the_cores_other_work_leaves_free():
+    assert threads_for_load(2, 0.2, 2) == 2  # idle
+    assert threads_for_load(2, 1.0, 2) == 1  # one core busy
+    assert threads_for_load(2, 16.0, 2) == 1  # never fewer than one
+    assert threads_for_load(8, 2.0, 16) == 8  # never more than torch's own choice

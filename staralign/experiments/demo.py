@@ -45,7 +45,8 @@ MIN_TEST = 100  # the fewest test faces the plan shrinks to
 LOADER_OVERHEAD = 1.15  # a real step also waits for the loader and writes logs (measured ~1.1)
 REPORT_SECONDS = 20.0  # loading the model, plots and files after the evaluation itself
 PROBE_FACES = 24  # faces drawn to time drawing
-PROBE_STEPS = 3  # training steps timed (after one warm-up step)
+PROBE_STEPS = 2  # training steps timed (after one warm-up step)
+PROBE_BATCH = 8  # faces per timed step (the time is scaled to the preset's batch): a cheap probe
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Measurement:
     draw_face: float  # drawing one synthetic face, one process
     train_step: float  # one training step of the preset's batch
     eval_face: float  # one face through the model in evaluation
+    threads: int = 0  # torch threads used (0: not set)
 
 
 @dataclass
@@ -158,9 +160,32 @@ def plan_demo(available_s: float, m: Measurement, train: int | None, test: int, 
     return Plan(n, t, e, scaled, steps(n), cost(n, t, e), shrunk)
 
 
+def threads_for_load(default: int, load: float, cores: int) -> int:
+    """Torch threads for a machine with ``load`` (1-minute load average) on ``cores``: the cores
+    other work leaves free, at least one.  On a busy machine more threads than free cores are far
+    slower, not faster: measured here, a step of the tiny preset took 41 s with 2 threads and
+    2.5 s with 1 while other work kept the 2-core VM at load 16 (the threads wait on each other)."""
+    return max(1, min(default, int(cores - load + 0.5)))
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, usable cores)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0], cores
+    except OSError:
+        return 0.0, cores
+
+
 def measure_machine(config, device: str, workdir: Path, clock: Callable[[], float] = time.monotonic) -> Measurement:
     """Time drawing ``PROBE_FACES`` faces and ``PROBE_STEPS`` training steps of ``config``'s model
-    (after a warm-up step) on random crops, with targets built as the loader builds them."""
+    (after a warm-up step; ``PROBE_BATCH`` faces a step, scaled to the preset's batch) on random
+    crops, with targets built as the loader builds them."""
     import torch
 
     from ..data.synth import generate_dataset
@@ -187,7 +212,7 @@ def measure_machine(config, device: str, workdir: Path, clock: Callable[[], floa
     ema = ModelEMA(model, 0.99) if config.optim.ema else None
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
     gen = torch.Generator().manual_seed(0)
-    b, size, hsize = config.optim.batch_size, config.model.input_size, config.model.heatmap_size
+    b, size, hsize = min(PROBE_BATCH, config.optim.batch_size), config.model.input_size, config.model.heatmap_size
     images = torch.randn(b, 3, size, size, generator=gen).to(dev)
     base = torch.rand(definition.num_points, 2, generator=gen) * 0.5 + 0.25
     points = ((base + 0.02 * torch.randn(b, definition.num_points, 2, generator=gen)) * size).to(dev)
@@ -204,13 +229,13 @@ def measure_machine(config, device: str, workdir: Path, clock: Callable[[], floa
     t = clock()
     for _ in range(PROBE_STEPS):
         step()
-    train_s = (clock() - t) / PROBE_STEPS
+    train_s = (clock() - t) / PROBE_STEPS * config.optim.batch_size / b
     model.eval()
     t = clock()
     with torch.no_grad():
         model(images)
     eval_face = (clock() - t) / b
-    return Measurement(draw_face, train_s, eval_face)
+    return Measurement(draw_face, train_s, eval_face, torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------- the folder
@@ -301,12 +326,6 @@ def run_demo(
     ``overrides`` (nested TrainConfig fields) change the training set-up, e.g. for tests; they
     win over the plan.
     """
-    from ..config import save_yaml
-    from ..devices import resolve_device
-    from ..engine.evaluator import evaluate_model, load_test_set
-    from ..engine.report import build_summary, format_table, write_face_grid, write_json, write_report
-    from ..engine.trainer import train as train_run
-    from ..models import load_model
     from ..progress import format_duration
 
     t0 = clock()
@@ -327,10 +346,36 @@ def run_demo(
     atomic_write(out / MARKER, json.dumps({"made_by": "staralign demo", "entries": list(MADE)}) + "\n")
     if removed:
         say(f"removed the previous demo's {', '.join(removed)} from {out}")
+
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(out, minutes, train, test, seed, device, workers, quiet, overrides, clock, say, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, device: str, workers: int,
+         quiet: bool, overrides: dict[str, Any] | None, clock: Callable[[], float], say: Callable[[str], None],
+         t0: float) -> DemoResult:
+    """``run_demo`` once the folder is ready (torch's thread count is restored by the caller)."""
+    import torch
+
+    from ..config import save_yaml
+    from ..devices import resolve_device
+    from ..engine.evaluator import evaluate_model, load_test_set
+    from ..engine.report import build_summary, format_table, write_face_grid, write_json, write_report
+    from ..engine.trainer import train as train_run
+    from ..models import load_model
+
+    budget_s = minutes * 60
     data_dir, run_dir, report_dir = out / "data", out / "run", out / "report"
     seconds: dict[str, float] = {}
-
-    say("[1/5] measuring this machine (a few faces drawn, a few training steps)")
+    load, cores = machine_load()
+    torch.set_num_threads(threads_for_load(torch.get_num_threads(), load, cores))
+    say(f"[1/5] measuring this machine (load {load:.1f} on {cores} cores: "
+        f"{_plural(torch.get_num_threads(), 'torch thread')}; a few faces drawn, a few training steps)")
     base_config = tiny_config(data_dir, workers, device, seed, overrides)
     probe_dir = out / ".probe"
     probe_dir.mkdir(exist_ok=True)
@@ -344,7 +389,9 @@ def run_demo(
     say(f"      {measured.train_step:.2f} s per training step, {1000 * measured.draw_face:.0f} ms per face drawn: "
         f"planned {plan.train} training faces, {plan.test} test faces, {_plural(plan.epochs, 'epoch')} "
         f"(about {plan.estimate['total'] / 60:.1f} min)" + (f"; smaller than the default to fit: {plan.shrunk}"
-                                                           if plan.shrunk else ""))
+                                                           if plan.shrunk else "")
+        + ("; even that overruns the budget on this machine now, so training will stop where the budget "
+           "ends (validated and saved there)" if plan.estimate["total"] > budget_s - seconds["measure"] else ""))
 
     say(f"[2/5] drawing {plan.train} training and {plan.test} test faces into {data_dir}")
     t1 = clock()
