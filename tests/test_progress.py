@@ -113,3 +113,66 @@ def test_bar_on_a_terminal():
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0:00"), (61.4, "1:01"), (3725, "1:02:05")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+# --------------------------------------------------------------------------- the call sites, without a terminal
+
+
+@pytest.fixture
+def no_terminal(monkeypatch):
+    monkeypatch.delenv("STARALIGN_PROGRESS", raising=False)  # stderr is captured: not a terminal
+
+
+def test_data_synth_reports_in_plain_lines(tmp_path, capsys, no_terminal):
+    from staralign.data.synth import generate_dataset
+
+    generate_dataset(tmp_path, train=6, test=4, size=64, progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("synth: ")]
+    assert lines and lines[-1].startswith("synth: 10/10 faces (100%)") and "elapsed" in lines[-1]
+    assert "\r" not in "".join(lines)
+
+
+def test_data_convert_reports_in_plain_lines(tmp_path, capsys, no_terminal):
+    from staralign.data.converters import read_wflw_list
+
+    row = " ".join(["10"] * 196 + ["0", "0", "50", "50"] + ["0"] * 6 + ["img.jpg"])
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join([row] * 20) + "\n")
+    assert len(read_wflw_list(path)) == 20
+    err = capsys.readouterr().err
+    assert "convert list.txt: 20/20 lines (100%)" in err and len(err.splitlines()) == 10
+
+
+def test_predict_reports_each_input(tmp_path, capsys, no_terminal):
+    import cv2
+    import numpy as np
+
+    from staralign.cli import main
+    from staralign.data.synth import render_face
+    from staralign.models import save_model
+
+    from .test_eval import tiny_model
+
+    weights = save_model(tiny_model(), tmp_path / "m.safetensors")
+    for k in range(3):
+        cv2.imwrite(str(tmp_path / f"face{k}.png"), render_face(np.random.default_rng(k), 96)[0])
+    assert main(["predict", *(str(tmp_path / f"face{k}.png") for k in range(3)), "--weights", str(weights),
+                 "--box", "8,8,88,88", "--device", "cpu"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("predict: ")]
+    assert [ln.split(",")[0] for ln in lines[:3]] == ["predict: 1/3 images (33%)", "predict: 2/3 images (67%)",
+                                                       "predict: 3/3 images (100%)"]
+    assert "last face2.png" in lines[2]
+
+
+def test_training_reports_steps_loss_and_time_in_a_log(tmp_path, capsys, no_terminal):
+    from staralign.data.synth import generate_dataset
+    from staralign.engine.trainer import train
+
+    from .test_engine import tiny_config
+
+    generate_dataset(tmp_path / "data", train=16, test=4, size=64)
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "data", optim={"epochs": 1}, runtime={"tensorboard": False}), tmp_path / "run")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 1/1: ") and "steps" in ln]
+    assert lines[-1].startswith("epoch 1/1: 4/4 steps (100%)") and "loss " in lines[-1]
+    assert any(" left" in ln for ln in lines) and all("elapsed" in ln for ln in lines)
