@@ -185,6 +185,14 @@ def test_demo_out_starts_clean_or_refuses(tmp_path):
     (demo / MARKER).write_text("{}")
     assert sorted(prepare_out(demo)) == ["data", "report", "run", "train_config.yaml"]
     assert sorted(p.name for p in demo.iterdir()) == ["notes.txt"]  # the user's own file stays
+    # A demo folder written before the marker existed is recognised by its report and data.
+    (demo / "report").mkdir()
+    (demo / "report" / "demo.json").write_text("{}")
+    (demo / "data").mkdir()
+    with pytest.raises(ValueError, match="not made by staralign demo"):
+        prepare_out(demo)  # a report alone is not enough
+    (demo / "data" / "synth.yaml").write_text("generator: staralign.data.synth")
+    assert sorted(prepare_out(demo)) == ["data", "report"]
 
 
 def test_demo_ending_mid_epoch_still_evaluates_and_reports(tmp_path, capsys):

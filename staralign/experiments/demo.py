@@ -250,7 +250,9 @@ def prepare_out(out: Path) -> list[str]:
     if not out.exists() or not any(out.iterdir()):
         return []
     marker = out / MARKER
-    if not marker.is_file():
+    # A demo from before the marker is recognised by its own report and data set.
+    older = (out / "report" / "demo.json").is_file() and (out / "data" / "synth.yaml").is_file()
+    if not marker.is_file() and not older:
         raise ValueError(f"--out {out} is not empty and was not made by staralign demo (no {MARKER} in it): "
                          "give a new or empty folder; nothing was changed")
     removed = []
@@ -263,7 +265,7 @@ def prepare_out(out: Path) -> list[str]:
         else:
             continue
         removed.append(name)
-    marker.unlink()
+    marker.unlink(missing_ok=True)
     return removed
 
 
