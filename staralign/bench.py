@@ -147,11 +147,12 @@ def emit(result: dict, as_json: bool) -> None:
 
 
 def _loss_args(p) -> None:
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--points", type=int, default=98)
+    p.add_argument("--batch-size", type=int, default=32, help="faces per batch")
+    p.add_argument("--points", type=int, default=98, help="landmarks per face (heatmaps per face)")
     p.add_argument("--size", type=int, default=64, help="heatmap side")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="precision of the heatmaps and the loss")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (the median is reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (fuses its small kernels)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the reference-style implementation (CPU eigh round trip)")
@@ -228,22 +229,22 @@ def bench_loss(args) -> dict:
 
 
 def _infer_args(p) -> None:
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="faces per forward pass")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--cuda-graphs", action="store_true", help="capture and replay a CUDA graph")
-    p.add_argument("--nstack", type=int, default=4)
-    p.add_argument("--nlevels", type=int, default=4)
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--nstack", type=int, default=4, help="hourglass stacks of the network")
+    p.add_argument("--nlevels", type=int, default=4, help="depth of each hourglass")
+    p.add_argument("--channels", type=int, default=256, help="feature channels of the network")
+    p.add_argument("--input-size", type=int, default=256, help="side of the input crop, pixels")
     p.add_argument("--points", type=int, default=98,
                    help="landmarks: 98/68/29 use WFLW/300W/COFW, others a synthetic definition")
     p.add_argument("--no-aam", action="store_true", help="without point/edge heads")
     p.add_argument("--no-coord", action="store_true", help="without CoordConv")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median and spread reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
 
 
 def _bench_definition(num_points: int):
@@ -344,12 +345,12 @@ def _data_args(p) -> None:
     p.add_argument("--images", type=int, default=64, help="JPEG images generated")
     p.add_argument("--size", type=int, default=512, help="side of the generated images")
     p.add_argument("--definition", default="WFLW", help="landmark definition")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="samples per batch")
     p.add_argument("--samples", type=int, default=None,
                    help="samples timed per mode (default: 4 x images, at least 8 batches)")
     p.add_argument("--profile-samples", type=int, default=32,
                    help="samples timed stage by stage in this process (0 to skip)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
 
 
 def _template_landmarks(definition, rng, size: float):
@@ -569,21 +570,21 @@ def bench_data(args) -> dict:
 
 
 def _train_args(p) -> None:
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--definition", default="WFLW")
-    p.add_argument("--nstack", type=int, default=4)
-    p.add_argument("--nlevels", type=int, default=4)
-    p.add_argument("--channels", type=int, default=256)
-    p.add_argument("--input-size", type=int, default=256)
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per training step")
+    p.add_argument("--definition", default="WFLW", help="landmark definition (name or YAML/JSON file)")
+    p.add_argument("--nstack", type=int, default=4, help="hourglass stacks of the network")
+    p.add_argument("--nlevels", type=int, default=4, help="depth of each hourglass")
+    p.add_argument("--channels", type=int, default=256, help="feature channels of the network")
+    p.add_argument("--input-size", type=int, default=256, help="side of the input crop, pixels")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network and the loss")
     p.add_argument("--cuda-graphs", action="store_true", help="the step captured as one CUDA graph, as the "
                    "trainer's --cuda-graphs runs it")
-    p.add_argument("--cudnn-benchmark", action="store_true")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest kernels")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median and spread reported)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a few steps: wall time against the device's kernel time, top kernels")
     p.add_argument("--targets", choices=["device", "none"], default="device",
@@ -693,8 +694,9 @@ def bench_train(args) -> dict:
         if graphed is not None:
             graphed(images, landmarks, pm, em)
             return
-        # The original runs with anomaly detection on, forward and backward.
-        with torch.autograd.detect_anomaly() if args.original_style else contextlib.nullcontext():
+        # The original runs with anomaly detection on, forward and backward (set_detect_anomaly:
+        # the same mode, restored on exit, without detect_anomaly's warning at every step).
+        with torch.autograd.set_detect_anomaly(True) if args.original_style else contextlib.nullcontext():
             train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks, pm, em,
                        amp=args.amp, grad_clip=optim.grad_clip)
 
@@ -821,10 +823,15 @@ def bench_detect(args) -> dict:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="speed benchmarks (JSON output)")
+    from .cli import plain_doc
+
+    p = sub.add_parser("bench", help="speed benchmarks (JSON output)",
+                       description="Speed benchmarks: each prints what it measured, or one JSON line with "
+                                   "--json, e.g. staralign bench infer --device cpu --json")
     bsub = p.add_subparsers(dest="bench_name", metavar="BENCH", required=True)
     for name, (add_arguments, run) in BENCHES.items():
-        bp = bsub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0])
+        text = plain_doc(run.__doc__)
+        bp = bsub.add_parser(name, help=text, description=text + ".")
         bp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
         bp.add_argument("--json", action="store_true", help="one JSON line on stdout")
         add_arguments(bp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -32,8 +33,61 @@ class UserError(Exception):
     """An error the user can fix (bad file, bad flag); printed without a traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every command's help: descriptions keep their paragraphs and indented examples (each
+    paragraph wrapped to the terminal), and each option's default follows its sentence -- unless
+    the sentence already says it, or there is nothing to say (a flag that is off, no default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.required or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out = []
+        for block in re.split(r"\n\s*\n", text.strip("\n")):
+            if any(line[:1].isspace() for line in block.splitlines()):  # an example: as written
+                out.append("\n".join(indent + line for line in block.splitlines()))
+            else:
+                out.append(textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)
+
+
+class Parser(argparse.ArgumentParser):
+    """``staralign``'s parser class: sub-commands' parsers are made by this class too (argparse
+    uses the parent's class), so the help format is set here, once, for every command."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def plain_doc(doc: str | None) -> str:
+    """The first sentence of a docstring as help text: Sphinx roles and literals unwrapped
+    (``:func:`a.b.c``` -> ``c``, double backquotes -> plain), lines joined."""
+    text = " ".join((doc or "").split())
+    text = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)
+    text = text.replace("``", "")
+    match = re.match(r"(.+?\.)(\s+[A-Z]|$)", text)
+    return (match.group(1) if match else text).rstrip(".")
+
+
+def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ("staralign",)):
+    """Every (command path, parser) under ``parser``, itself first (for help checks and docs)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from subcommands(child, (*path, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="staralign",
         description="STAR loss facial landmark detection: train, evaluate, run and export.",
     )
@@ -41,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # A command registered with only a one-line help shows that line as its description too.
+    for _, p in subcommands(parser):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    child = action.choices[choice.dest]
+                    if not child.description and choice.help:
+                        child.description = choice.help[0].upper() + choice.help[1:] + "."
     return parser
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["PALETTE", "draw_box", "draw_landmarks", "ellipse_axes", "make_grid"]
+__all__ = ["GROUND_TRUTH_COLOR", "PALETTE", "PREDICTION_COLOR", "add_legend", "draw_box", "draw_landmarks",
+           "ellipse_axes", "make_grid"]
 
 _SHIFT = 4  # fractional bits for sub-pixel drawing
 _ONE = 1 << _SHIFT
@@ -24,6 +25,16 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 255, 0), (0, 165, 255), (255, 128, 0), (255, 0, 255), (0, 255, 255), (0, 0, 255),
     (255, 255, 0), (128, 0, 255),
 )
+
+
+# Ground truth against prediction in reports.  Synthetic occluders take any colour at all
+# (data.synth.params: uniform RGB), so no colour alone can be told from them: ground truth is
+# drawn as hollow rings, predictions as filled dots, both with a dark rim, and each grid has a
+# legend.  Yellow and red, not green: green reads as "correct" and was taken for ground truth.
+GROUND_TRUTH_COLOR = (0, 230, 255)  # BGR yellow
+PREDICTION_COLOR = (40, 40, 255)  # BGR red
+OUTLINE_COLOR = (20, 20, 20)
+AMBIGUITY_CLIP = 0.1  # ellipse semi-axes drawn at most this fraction of the face size
 
 
 def _fix(points: np.ndarray) -> np.ndarray:
@@ -39,16 +50,18 @@ def _as_canvas(image: np.ndarray, copy: bool) -> np.ndarray:
     return img.copy() if copy or not img.flags.writeable or not img.flags.c_contiguous else img
 
 
+def _face_size(landmarks: np.ndarray, box: Sequence[float] | None) -> float | None:
+    """The face's size in pixels: the box's longer side, else the landmarks' span (None: unknown)."""
+    if box is not None:
+        return float(max(box[2] - box[0], box[3] - box[1]))
+    finite = landmarks[np.isfinite(landmarks).all(-1)] if len(landmarks) else landmarks
+    return float(np.ptp(finite, axis=0).max()) if len(finite) > 1 else None
+
+
 def _auto_size(landmarks: np.ndarray, box: Sequence[float] | None, shape: tuple[int, ...]) -> float:
     """A length that scales marks with the face: ~1/100 of its size, at least 1 pixel."""
-    if box is not None:
-        extent = max(box[2] - box[0], box[3] - box[1])
-    elif len(landmarks):
-        finite = landmarks[np.isfinite(landmarks).all(-1)]
-        extent = float(np.ptp(finite, axis=0).max()) if len(finite) > 1 else min(shape[:2]) / 2
-    else:
-        extent = min(shape[:2]) / 2
-    return max(1.0, extent / 100.0)
+    extent = _face_size(landmarks, box)
+    return max(1.0, (extent if extent is not None else min(shape[:2]) / 2) / 100.0)
 
 
 def ellipse_axes(covariance: np.ndarray, n_std: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,6 +104,8 @@ def draw_landmarks(
     n_std: float = 1.0,
     label: str | None = None,
     copy: bool = True,
+    hollow: bool = False,
+    outline: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Draw one face's landmarks (N, 2) on a BGR image; returns the drawn image.
 
@@ -98,7 +113,10 @@ def draw_landmarks(
     as polylines.  ``ambiguity``: an :class:`~staralign.inference.detector.Ambiguity`
     (``Face.ambiguity``: its ``major``, ``minor`` and ``tangent`` are drawn as they
     are), another object with a ``covariance`` attribute, or (N, 2, 2) covariances in
-    pixels squared; drawn as ellipses at ``n_std`` standard deviations.  ``indices``: number each point.
+    pixels squared; drawn as ellipses at ``n_std`` standard deviations, their semi-axes clipped to
+    ``AMBIGUITY_CLIP`` of the face size (a weak model's spread would cover the whole face) and the
+    scale stated under the ``box`` when one is given.  ``indices``: number each point.
+    ``hollow``: rings instead of dots; ``outline``: a rim of that colour around each mark.
     Non-finite points are skipped.  ``copy=False`` draws in place.
     """
     canvas = _as_canvas(image, copy)
@@ -126,20 +144,66 @@ def draw_landmarks(
             major, minor, angle = ellipse_axes(cov, n_std)
         amb_color = (255, 0, 255) if tuple(color) != (255, 0, 255) else (0, 255, 255)
         n = min(len(pts), len(major))
-        for i in np.flatnonzero(finite[:n] & np.isfinite(major[:n]) & np.isfinite(minor[:n])):
-            axes = (max(1, int(round(major[i] * _ONE))), max(1, int(round(minor[i] * _ONE))))
+        face = _face_size(pts, box)
+        cap = AMBIGUITY_CLIP * face if face else np.inf
+        drawn = np.flatnonzero(finite[:n] & np.isfinite(major[:n]) & np.isfinite(minor[:n]))
+        clipped = 0
+        for i in drawn:
+            shrink = min(1.0, cap / major[i]) if major[i] > 0 else 1.0  # keeps the ellipse's shape
+            clipped += shrink < 1.0
+            axes = (max(1, int(round(major[i] * shrink * _ONE))), max(1, int(round(minor[i] * shrink * _ONE))))
             centre = tuple(int(v) for v in _fix(pts[i]))
             cv2.ellipse(canvas, centre, axes, float(angle[i]), 0, 360, amb_color, max(1, t // 2 or 1),
                         cv2.LINE_AA, _SHIFT)
+        if box is not None and len(drawn):
+            note = f"ellipses: {n_std:g} sd" + (f", {clipped} of {len(drawn)} clipped at {cap:.0f} px"
+                                                if clipped else "")
+            _caption(canvas, note, box, amb_color)
+    rr = max(1, int(round(r * _ONE)))
+    ring = max(1, int(round(r / 2)))
     for i in np.flatnonzero(finite):
         centre = tuple(int(v) for v in _fix(pts[i]))
-        cv2.circle(canvas, centre, max(1, int(round(r * _ONE))), color, -1, cv2.LINE_AA, _SHIFT)
+        if outline is not None:
+            cv2.circle(canvas, centre, rr + _ONE, outline, -1 if not hollow else ring + 2, cv2.LINE_AA, _SHIFT)
+        cv2.circle(canvas, centre, rr, color, ring if hollow else -1, cv2.LINE_AA, _SHIFT)
     if indices:
         scale = max(0.25, unit * 0.2)
         for i in np.flatnonzero(finite):
             org = (int(round(pts[i, 0] + r + 1)), int(round(pts[i, 1] - r - 1)))
             cv2.putText(canvas, str(i), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
+
+
+def _caption(canvas: np.ndarray, text: str, box: Sequence[float], color: tuple[int, int, int]) -> None:
+    """``text`` under ``box`` (inside its bottom edge when the image ends there), readable on any
+    background (a dark rim)."""
+    scale = max(0.35, (box[2] - box[0]) / 600)
+    (_, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    x = int(max(0, round(box[0])))
+    y = int(round(box[3])) + h + 4
+    if y + base > canvas.shape[0]:
+        y = int(round(box[3])) - base - 2
+    for c, thick in ((OUTLINE_COLOR, 3), (color, 1)):
+        cv2.putText(canvas, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, c, thick, cv2.LINE_AA)
+
+
+def add_legend(image: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int], bool]]) -> np.ndarray:
+    """``image`` with a legend band above it: one (text, colour, hollow) entry per kind of mark,
+    each drawn as :func:`draw_landmarks` draws it."""
+    canvas = _as_canvas(image, copy=False)
+    scale = max(0.45, min(1.0, canvas.shape[1] / 900))
+    (_, h), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    band = np.full((h + 14, canvas.shape[1], 3), 255, np.uint8)
+    x, y = 8, h + 6
+    r = max(3, h // 3)
+    for text, color, hollow in entries:
+        centre = (x + r, y - h // 2)
+        cv2.circle(band, centre, r + 1, OUTLINE_COLOR, -1 if not hollow else 3, cv2.LINE_AA)
+        cv2.circle(band, centre, r, color, max(1, r // 2) if hollow else -1, cv2.LINE_AA)
+        x += 2 * r + 6
+        cv2.putText(band, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+        x += cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] + 18
+    return np.vstack([band, canvas])
 
 
 def make_grid(images: Sequence[np.ndarray], cols: int = 4, pad: int = 2,

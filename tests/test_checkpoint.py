@@ -289,3 +289,20 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left behind
     atomic_write(target, b"new")
     assert target.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_follow_the_users_umask(tmp_path, umask):
+    """safetensors creates its files 0600; ours get what any new file gets under the umask."""
+    import os
+
+    from staralign._io import atomic_write
+
+    old = os.umask(umask)
+    try:
+        weights = save_model(small_model(), tmp_path / "m.safetensors")
+        report = atomic_write(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    for path in (weights, report):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path

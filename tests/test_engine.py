@@ -448,3 +448,27 @@ def test_cuda_graph_training_follows_eager_training_and_resumes(synth_data, tmp_
     more = train(cfg3, run, resume=True)
     assert more.epochs_done == 3 and math.isfinite(more.history[-1]["train_loss"])
     assert (run / "train.log").read_text().count("captured as a CUDA graph") == 2
+
+
+def test_a_budget_that_ends_mid_epoch_still_validates_and_saves(synth_data, tmp_path):
+    """A time budget spent after one step (a tiny budget, no waiting): the partial epoch is
+    validated, best/last weights are written, and the state resumes at that step."""
+    run = tmp_path / "run"
+    cfg = tiny_config(synth_data, runtime={"time_budget_minutes": 1e-6, "tensorboard": False})
+    result = train(cfg, run)
+    assert "time budget" in result.stopped_early
+    assert (run / "best.safetensors").exists() and (run / "last.safetensors").exists()
+    assert math.isfinite(result.best_nme) and result.best_epoch == 1
+    (val,) = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in r]
+    assert val["partial_steps"] == 1 and math.isfinite(val["nme"])
+    state = state_mod.load_state(run)
+    assert (state["epoch"], state["step"]) == (0, 1)  # resumes inside the epoch, schedule not stepped
+    assert state["scheduler"]["last_epoch"] == 0
+
+
+def test_training_leaves_anomaly_detection_as_it_found_it(synth_data, tmp_path):
+    assert not torch.is_anomaly_enabled()
+    cfg = tiny_config(synth_data, optim={"epochs": 1}, runtime={"detect_anomaly": True, "tensorboard": False,
+                                                               "time_budget_minutes": 1e-6})
+    train(cfg, tmp_path / "run")
+    assert not torch.is_anomaly_enabled()

@@ -222,6 +222,13 @@ def test_run_labels_are_unique():
     assert run_labels(["a/x.pkl", "a/x.pkl"]) == ["a/x", "a/x#2"]
 
 
+def test_runs_are_named_after_their_run_folder_not_the_checkpoint_file():
+    assert run_labels(["runs/wflw/best.safetensors", "runs/300w/best.safetensors"]) == ["wflw", "300w"]
+    assert run_labels(["runs/wflw/best.safetensors", "runs/wflw/last.safetensors"]) == ["wflw", "wflw/last"]
+    assert run_labels(["a/run/best.safetensors", "b/run/best.safetensors"]) == ["a/run", "b/run"]
+    assert run_labels(["models/WFLW_STARLoss.pkl"]) == ["WFLW_STARLoss"]
+
+
 def test_test_command_choices_match_the_evaluator():
     import subprocess
     import sys
@@ -237,3 +244,21 @@ def test_test_command_choices_match_the_evaluator():
     code = "import sys; from staralign.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_report_names_a_run_after_its_folder_with_a_legend(data, tmp_path, capsys):
+    run = tmp_path / "wflw_tiny"
+    save_model(tiny_model(seed=0), run / "best.safetensors")
+    report = tmp_path / "report"
+    rc, out, err = _test(["--weights", run / "best.safetensors", "--data-definition", "WFLW", "--annot-dir", data,
+                          "--image-dir", data, "--report-dir", report], capsys)
+    assert rc == 0, err
+    assert "wflw_tiny" in out and " best " not in out
+    assert not (report / "worst_best.png").exists()
+    grid = _good_png(report / "worst_wflw_tiny.png")
+    from staralign.viz import GROUND_TRUTH_COLOR, PREDICTION_COLOR
+
+    band = grid[:30]  # the legend band on top: white, with one mark of each colour
+    assert (band == 255).all(-1).mean() > 0.5
+    for color in (GROUND_TRUTH_COLOR, PREDICTION_COLOR):
+        assert (np.abs(band.astype(int) - color).max(-1) < 40).any(), color

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +13,17 @@ import yaml
 from staralign.cli import main
 from staralign.data.synth import GENERATOR_VERSION
 from staralign.experiments.ambiguity import _same_data, format_results, run_ambiguity_experiment, split_errors
-from staralign.experiments.demo import run_demo
+from staralign.experiments.demo import (
+    MARKER,
+    DemoResult,
+    Measurement,
+    pick_weights,
+    plan_demo,
+    prepare_out,
+    run_demo,
+    threads_for_load,
+    verdict,
+)
 
 SMALL = {
     "model": {"nstack": 1, "nlevels": 2, "channels": 16, "stem_channels": [8, 16], "input_size": 64},
@@ -98,3 +109,110 @@ def test_ambiguity_experiment_runs_reports_and_resumes_without_redoing_work(tmp_
     assert not _same_data(tmp_path / "nothing", want)
     run_ambiguity_experiment(tmp_path / "other", seeds=1, resume=True, **{**kw, "methods": ("l2",)})
     assert yaml.safe_load((tmp_path / "other" / "data" / "synth.yaml").read_text())["train"] == 16
+
+
+# --------------------------------------------------------------------------- the demo's budget
+
+IDLE = Measurement(draw_face=0.01, train_step=0.5, eval_face=0.01)  # about the reference 2-core VM, idle
+
+
+def _plan(minutes, m=IDLE, train=None):
+    return plan_demo(minutes * 60, m, train, 200, 8, [6, 7], 16)
+
+
+def test_demo_plan_keeps_the_default_where_it_fits():
+    plan = _plan(10)
+    assert (plan.train, plan.test, plan.epochs, plan.milestones, plan.shrunk) == (1500, 200, 8, [6, 7], "")
+    assert plan.estimate["total"] <= 600
+
+
+def test_demo_plan_shrinks_the_data_then_the_epochs_on_a_busy_machine():
+    busy = Measurement(draw_face=0.02, train_step=0.5, eval_face=0.02)
+    plan = _plan(3, busy)
+    assert plan.epochs == 8 and 320 <= plan.train < 1500 and 100 <= plan.test < 200
+    assert plan.estimate["total"] <= 180 and "training faces instead of 1500" in plan.shrunk
+    crawling = Measurement(draw_face=0.05, train_step=5.0, eval_face=0.1)
+    plan = _plan(3, crawling)
+    assert plan.train == 320 and 1 <= plan.epochs < 8 and "instead of 8" in plan.shrunk
+    assert all(m <= plan.epochs for m in plan.milestones)
+    # A user's own --train is never shrunk: only the epochs are.
+    plan = _plan(3, busy, train=1500)
+    assert plan.train == 1500 and plan.epochs < 8
+
+
+def _result(**kw):
+    base = dict(out_dir=Path("."), nme=0.05, fr=0.0, auc=0.5, baseline_nme=0.15, threshold=0.1, epochs=1,
+                stopped_early="", steps_per_epoch=93)
+    return DemoResult(**{**base, **kw})
+
+
+def test_demo_says_how_much_it_trained_in_plain_words():
+    assert _result().trained() == "trained 1 epoch"
+    assert _result(epochs=3).trained() == "trained 3 epochs"
+    assert _result(epochs=2, partial_steps=40).trained() == "trained 2 epochs and 40 of 93 steps of epoch 3"
+    assert _result(epochs=0, partial_steps=54).trained() == "trained 54 of 93 steps of epoch 1"
+
+
+def test_demo_says_plainly_when_the_model_did_not_beat_the_baseline():
+    assert "beats the mean-shape baseline" in verdict(_result(), 10)
+    text = verdict(_result(nme=0.1777, baseline_nme=0.1483), 3)
+    assert "did NOT beat the mean-shape baseline" in text and "17.77%" in text and "--minutes 8" in text
+    assert "did NOT beat" in verdict(_result(nme=float("nan")), 10)
+
+
+def test_demo_uses_the_last_weights_when_there_is_no_best(tmp_path):
+    (tmp_path / "last.safetensors").write_bytes(b"x")
+    assert pick_weights(tmp_path).name == "last.safetensors"
+    (tmp_path / "best.safetensors").write_bytes(b"x")
+    assert pick_weights(tmp_path).name == "best.safetensors"
+    with pytest.raises(ValueError, match="more --minutes"):
+        pick_weights(tmp_path / "none", "time budget reached")
+
+
+def test_demo_out_starts_clean_or_refuses(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not made by staralign demo"):
+        prepare_out(other)
+    assert (other / "notes.txt").read_text() == "keep"
+    demo = tmp_path / "demo"
+    for name in ("data/images", "run", "report"):
+        (demo / name).mkdir(parents=True)
+    (demo / "run" / "best.safetensors").write_bytes(b"old")
+    (demo / "train_config.yaml").write_text("old")
+    (demo / "notes.txt").write_text("keep")
+    (demo / MARKER).write_text("{}")
+    assert sorted(prepare_out(demo)) == ["data", "report", "run", "train_config.yaml"]
+    assert sorted(p.name for p in demo.iterdir()) == ["notes.txt"]  # the user's own file stays
+    # A demo folder written before the marker existed is recognised by its report and data.
+    (demo / "report").mkdir()
+    (demo / "report" / "demo.json").write_text("{}")
+    (demo / "data").mkdir()
+    with pytest.raises(ValueError, match="not made by staralign demo"):
+        prepare_out(demo)  # a report alone is not enough
+    (demo / "data" / "synth.yaml").write_text("generator: staralign.data.synth")
+    assert sorted(prepare_out(demo)) == ["data", "report"]
+
+
+def test_demo_ending_mid_epoch_still_evaluates_and_reports(tmp_path, capsys):
+    """A budget spent after one step (tiny budget, no waiting): validated, saved, evaluated, reported;
+    a second demo into the same folder starts clean."""
+    over = {**SMALL, "runtime": {"time_budget_minutes": 1e-6}}
+    result = run_demo(tmp_path, minutes=5, train=24, test=8, workers=0, overrides=over)
+    out = capsys.readouterr().out
+    assert result.partial_steps == 1 and result.epochs == 0 and result.weights == "best.safetensors"
+    assert "trained 1 of 3 steps of epoch 1 (time budget" in out
+    assert ("did NOT beat" in out) == (not result.beat_baseline) and "[5/5] writing the report" in out
+    demo = json.loads((tmp_path / "report" / "demo.json").read_text())
+    assert demo["partial_epoch_steps"] == 1 and demo["verdict"] in out and demo["plan"]["train"] == 24
+    (tmp_path / "run" / "stale.txt").write_text("from the first demo")
+    run_demo(tmp_path, minutes=5, train=24, test=8, workers=0, quiet=True, overrides=over)
+    assert not (tmp_path / "run" / "stale.txt").exists()
+
+
+def test_demo_uses_the_cores_other_work_leaves_free():
+    assert threads_for_load(2, 0.2, 2) == 2  # idle
+    assert threads_for_load(2, 1.0, 2) == 1  # one core busy
+    assert threads_for_load(2, 16.0, 2) == 1  # never fewer than one
+    assert threads_for_load(8, 2.0, 16) == 8  # never more than torch's own choice

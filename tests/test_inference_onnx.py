@@ -189,3 +189,22 @@ def test_onnx_record_version_must_be_one_we_read(tmp_path, capsys, version, why)
     assert main(["predict", str(tmp_path / "x.png"), "--weights", str(path), "--detector", "none"]) == 2
     err = capsys.readouterr().err
     assert "odd.onnx" in err and "version" in err and "Traceback" not in err
+
+
+def test_asking_for_ambiguity_an_onnx_file_lacks_is_an_error_that_says_how_to_export(exported, tmp_path, capsys):
+    import cv2
+
+    plain = tmp_path / "plain.onnx"
+    assert main(["export", "--weights", str(exported["weights"]), "--onnx", str(plain),
+                 "--exporter", "torchscript"]) == 0
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), render_face(np.random.default_rng(1), 128)[0])
+    capsys.readouterr()
+    for flag in ("--ambiguity", "--draw-ambiguity"):
+        assert main(["predict", str(image), "--weights", str(plain), "--box", "10,10,100,100", flag]) == 2
+        err = capsys.readouterr().err
+        assert "plain.onnx has no ambiguity outputs" in err and "--with-ambiguity" in err and "Traceback" not in err
+    # The same file without the flag, and a file exported with ambiguity, still predict.
+    assert main(["predict", str(image), "--weights", str(plain), "--box", "10,10,100,100"]) == 0
+    assert main(["predict", str(image), "--weights", str(exported["onnx"]), "--box", "10,10,100,100",
+                 "--ambiguity"]) == 0

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..crop import BOX_MARGIN, FACE_SIZE, box_to_crop, landmark_box  # the crop convention
 from ..definitions import LandmarkDefinition, get_definition
+from ..progress import progress
 from .annotations import (
     WFLW_TAGS,
     Annotation,
@@ -81,44 +82,51 @@ def _annotation(image_path: str, landmarks: np.ndarray, box: Sequence[float],
 def read_wflw_list(path: str | os.PathLike, definition: LandmarkDefinition | None = None) -> list[Annotation]:
     """One official WFLW list file (196 coordinates, box x1 y1 x2 y2, 6 flags, image path)."""
     definition = definition or get_definition("WFLW")
-    n = definition.num_points
     source = str(path)
-    expected = 2 * n + 4 + len(WFLW_TAGS) + 1
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise RawFormatError(source, 0, "", f"cannot read: {exc}") from exc
     out = []
-    for lineno, text in enumerate(lines, start=1):
-        tok = text.split()
-        if not tok:
-            continue
-        if len(tok) != expected:
-            raise RawFormatError(source, lineno, "", f"expected {expected} space-separated values "
-                                 f"({2 * n} coordinates, 4 box, {len(WFLW_TAGS)} attributes, image "
-                                 f"path), got {len(tok)}")
-        values = []
-        for k, t in enumerate(tok[:2 * n + 4]):
-            try:
-                values.append(float(t))
-            except ValueError:
-                fld = (f"landmark {k // 2} {'xy'[k % 2]}" if k < 2 * n
-                       else f"box {('x1', 'y1', 'x2', 'y2')[k - 2 * n]}")
-                raise RawFormatError(source, lineno, fld, f"not a number: {t!r}") from None
-        arr = np.array(values)
-        if not np.all(np.isfinite(arr)):
-            raise RawFormatError(source, lineno, "landmarks", "NaN or infinity")
-        flags = []
-        for k, t in enumerate(tok[2 * n + 4:2 * n + 4 + len(WFLW_TAGS)]):
-            if t not in ("0", "1"):
-                raise RawFormatError(source, lineno, f"attribute {WFLW_TAGS[k]}", f"expected 0 or 1, got {t!r}")
-            flags.append(int(t))
-        x1, y1, x2, y2 = arr[2 * n:]
-        if not (x2 > x1 and y2 > y1):
-            raise RawFormatError(source, lineno, "box", f"x2 <= x1 or y2 <= y1: {[x1, y1, x2, y2]}")
-        out.append(_annotation(tok[-1], arr[:2 * n].reshape(n, 2), (x1, y1, x2, y2), definition,
-                               tuple(flags), source, lineno))
-    return out
+    with progress(len(lines), f"convert {Path(path).name}", "line") as bar:
+        for lineno, text in enumerate(lines, start=1):
+            bar.update(1)
+            out.append(_wflw_line(text, lineno, source, definition))
+    return [a for a in out if a is not None]
+
+
+def _wflw_line(text: str, lineno: int, source: str, definition: LandmarkDefinition) -> Annotation | None:
+    """One line of a WFLW list file (``None`` for a blank line)."""
+    n = definition.num_points
+    expected = 2 * n + 4 + len(WFLW_TAGS) + 1
+    tok = text.split()
+    if not tok:
+        return None
+    if len(tok) != expected:
+        raise RawFormatError(source, lineno, "", f"expected {expected} space-separated values "
+                             f"({2 * n} coordinates, 4 box, {len(WFLW_TAGS)} attributes, image "
+                             f"path), got {len(tok)}")
+    values = []
+    for k, t in enumerate(tok[:2 * n + 4]):
+        try:
+            values.append(float(t))
+        except ValueError:
+            fld = (f"landmark {k // 2} {'xy'[k % 2]}" if k < 2 * n
+                   else f"box {('x1', 'y1', 'x2', 'y2')[k - 2 * n]}")
+            raise RawFormatError(source, lineno, fld, f"not a number: {t!r}") from None
+    arr = np.array(values)
+    if not np.all(np.isfinite(arr)):
+        raise RawFormatError(source, lineno, "landmarks", "NaN or infinity")
+    flags = []
+    for k, t in enumerate(tok[2 * n + 4:2 * n + 4 + len(WFLW_TAGS)]):
+        if t not in ("0", "1"):
+            raise RawFormatError(source, lineno, f"attribute {WFLW_TAGS[k]}", f"expected 0 or 1, got {t!r}")
+        flags.append(int(t))
+    x1, y1, x2, y2 = arr[2 * n:]
+    if not (x2 > x1 and y2 > y1):
+        raise RawFormatError(source, lineno, "box", f"x2 <= x1 or y2 <= y1: {[x1, y1, x2, y2]}")
+    return _annotation(tok[-1], arr[:2 * n].reshape(n, 2), (x1, y1, x2, y2), definition,
+                       tuple(flags), source, lineno)
 
 
 def _find_file(root: Path, name: str, hints: Iterable[str]) -> Path:
@@ -231,11 +239,13 @@ def _read_300w_folder(folder: Path, root: Path, d: LandmarkDefinition, one_based
     files = sorted(folder.glob("*.pts"))
     if not files:
         raise FileNotFoundError(f"no .pts files in {folder}")
-    for f in files:
-        lm = read_pts(f, d.num_points) - (1.0 if one_based else 0.0)
-        image = _image_for(f)
-        out.append(_annotation(image.relative_to(root).as_posix(), lm, landmark_box(lm), d,
-                               source=str(f), line=0))
+    with progress(len(files), f"convert {folder.relative_to(root).as_posix()}", "file") as bar:
+        for f in files:
+            lm = read_pts(f, d.num_points) - (1.0 if one_based else 0.0)
+            image = _image_for(f)
+            out.append(_annotation(image.relative_to(root).as_posix(), lm, landmark_box(lm), d,
+                                   source=str(f), line=0))
+            bar.update(1)
     return out
 
 
@@ -334,7 +344,9 @@ def convert_cofw(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
         images, phis, boxes = _read_mat(path, names)
         (img_root / split).mkdir(parents=True, exist_ok=True)
         anns = []
+        bar = progress(len(images), f"convert {fname}", "image")
         for i, (img, phi, box) in enumerate(zip(images, phis, boxes, strict=True)):
+            bar.update(1)
             where = f"{names[0]}[{i}]"
             if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
                 raise RawFormatError(str(path), 0, where, f"expected a uint8 grey or RGB image, got "
@@ -351,6 +363,7 @@ def convert_cofw(raw_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 raise RawFormatError(str(path), 0, f"{names[2]}[{i}]", f"non-positive box size {list(box)}")
             x, y = x - shift, y - shift
             anns.append(_annotation(rel, lm, (x, y, x + w, y + h), d, source=str(path), line=0))
+        bar.close()
         counts[f"{split}.tsv"] = write_annotations(out / f"{split}.tsv", anns)
     return counts
 

@@ -33,7 +33,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-definition", "--data_definition", dest="definition",
                    help="WFLW, 300W, COFW, 300VW, or a landmark definition file")
-    g.add_argument("--image-dir", "--image_dir", dest="image_dir")
+    g.add_argument("--image-dir", "--image_dir", dest="image_dir",
+                   help="folder the image paths in the annotation files are relative to")
     g.add_argument("--annot-dir", "--annot_dir", dest="annot_dir",
                    help="folder with train.tsv / test.tsv (or <definition>/train.tsv as the original)")
     g.add_argument("--train-file", help="training annotation file name (default train.tsv)")
@@ -44,34 +45,42 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "workers, point maps on the device), or the device; auto = mixed on CUDA, else worker")
     g.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip malformed annotation rows")
     g = p.add_argument_group("model")
-    g.add_argument("--nstack", type=int)
-    g.add_argument("--channels", type=int)
-    g.add_argument("--input-size", type=int)
+    g.add_argument("--nstack", type=int, help="hourglass stacks (default: the preset's)")
+    g.add_argument("--channels", type=int, help="feature channels (default: the preset's)")
+    g.add_argument("--input-size", type=int, help="side of the input crop in pixels (default: the preset's)")
     g.add_argument("--no-aam", action="store_true", default=None, help="no point/edge heads")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="epochs to train (default: the preset's)")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, help="per process (per GPU)")
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=float, help="initial learning rate (default: the preset's)")
     g.add_argument("--loss", choices=[k for k in LANDMARK_LOSSES if k != "none"] + ["awing"],
                    help="landmark loss (awing: the AAM maps alone)")
-    g.add_argument("--star-w", type=float)
-    g.add_argument("--star-dist", choices=["smoothl1", "l1", "l2", "wing"])
-    g.add_argument("--no-ema", action="store_true", default=None)
+    g.add_argument("--star-w", type=float, help="weight of STAR's eigenvalue penalty (default: the preset's)")
+    g.add_argument("--star-dist", choices=["smoothl1", "l1", "l2", "wing"],
+                   help="distance STAR applies along each principal direction (default: the preset's)")
+    g.add_argument("--no-ema", action="store_true", default=None,
+                   help="no exponential moving average of the weights (validated and saved beside the model)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--amp", choices=AMP_MODES)
-    g.add_argument("--channels-last", action="store_true", default=None)
-    g.add_argument("--compile", action="store_true", default=None)
+    g.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation (default: the preset's)")
+    g.add_argument("--amp", choices=AMP_MODES, help="autocast precision (default: the preset's, none)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory format (faster convolutions on CPUs and tensor cores)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network and the loss")
     g.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="capture the whole training step as one CUDA graph (one GPU, amp none or bf16)")
-    g.add_argument("--cudnn-benchmark", action="store_true", default=None)
-    g.add_argument("--detect-anomaly", action="store_true", default=None)
-    g.add_argument("--sync-bn", action="store_true", default=None)
+    g.add_argument("--cudnn-benchmark", action="store_true", default=None,
+                   help="let cuDNN pick the fastest kernels for the input size")
+    g.add_argument("--detect-anomaly", action="store_true", default=None,
+                   help="autograd anomaly detection, as the original (slow: for debugging NaNs)")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="batch-norm statistics synchronised across processes (torchrun)")
     g.add_argument("--skip-nonfinite", action="store_true", default=None,
                    help="skip (and count) batches with a NaN/Inf loss instead of stopping")
-    g.add_argument("--save-every-steps", type=int)
-    g.add_argument("--time-budget-minutes", type=float)
+    g.add_argument("--save-every-steps", type=int,
+                   help="also save the training state every N steps within an epoch (default: at epoch ends only)")
+    g.add_argument("--time-budget-minutes", type=float,
+                   help="stop after this many minutes, validated and saved (default: no limit)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -138,11 +138,11 @@ class Predictions:
 def _progress_bar(loader, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from ..progress import progress
 
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
-    # disable=None: shown on a terminal, silent when stderr is a file or pipe.
-    return tqdm(total=total, desc="evaluating", unit="face", leave=False, disable=None)
+    # A bar on a terminal, plain lines when stderr is a file or pipe.
+    return progress(total, "evaluating", "face")
 
 
 @torch.no_grad()

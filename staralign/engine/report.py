@@ -7,7 +7,7 @@ A report directory holds, for one or several compared runs on the same faces:
 ``per_landmark_nme.png``  mean NME of each landmark, per run (bars for one, lines for several)
 ``per_landmark.csv``      the same numbers
 ``per_sample.csv``        one row per face: index, row, image, subset flags, NME of each run
-``worst_<run>.png``       the run's worst faces: ground truth (green) vs prediction (red) on the crop
+``worst_<run>.png``       the run's worst faces: ground truth (yellow rings) vs prediction (red dots) on the crop
                           (``write_face_grid`` draws any chosen faces that way)
 
 Every file is written beside its final name and renamed over it, so an
@@ -51,8 +51,6 @@ __all__ = [
 
 FORMAT_NAME = "staralign.evaluation"
 FORMAT_VERSION = 1
-GT_COLOR = (0, 200, 0)  # BGR
-PRED_COLOR = (0, 0, 255)
 MIN_TILE = 256  # worst-face tiles are drawn at least this large, whatever the network's input
 
 
@@ -313,7 +311,7 @@ def _crop_tile(result: EvalResult, test_set: TestSet, k: int) -> np.ndarray:
 
     from ..data.images import read_image
     from ..data.transforms import denormalize_points, transform_points, warp_image
-    from ..viz import draw_landmarks
+    from ..viz import GROUND_TRUTH_COLOR, OUTLINE_COLOR, PREDICTION_COLOR, draw_landmarks
 
     size = result.input_size
     index = int(result.predictions.indices[k])
@@ -328,8 +326,10 @@ def _crop_tile(result: EvalResult, test_set: TestSet, k: int) -> np.ndarray:
         side = int(round(size * zoom))
         crop = cv2.resize(crop, (side, side), interpolation=cv2.INTER_LINEAR)
         gt, pred = (gt + 0.5) * zoom - 0.5, (pred + 0.5) * zoom - 0.5
-    tile = draw_landmarks(crop, gt, definition=result.definition, color=GT_COLOR)
-    tile = draw_landmarks(tile, pred, definition=result.definition, color=PRED_COLOR, copy=False)
+    tile = draw_landmarks(crop, gt, definition=result.definition, color=GROUND_TRUTH_COLOR, hollow=True,
+                          outline=OUTLINE_COLOR)
+    tile = draw_landmarks(tile, pred, definition=result.definition, color=PREDICTION_COLOR, outline=OUTLINE_COLOR,
+                          copy=False)
     text = f"#{index} NME {100 * float(result.nmes[k]):.2f}%"
     scale = tile.shape[0] / 512
     for color, thick in (((0, 0, 0), 3), ((255, 255, 255), 1)):
@@ -343,16 +343,18 @@ def write_face_grid(
     cols: int = 4,
 ) -> list[int]:
     """A grid of the run's faces at positions ``order`` of its predictions, each drawn on its crop:
-    ground truth (green) vs prediction (red).  Returns their dataset indices; writes nothing
+    ground truth (yellow rings) vs prediction (red dots).  Returns their dataset indices; writes nothing
     when ``order`` is empty."""
     import cv2
 
-    from ..viz import make_grid
+    from ..viz import GROUND_TRUTH_COLOR, PREDICTION_COLOR, add_legend, make_grid
 
     if not len(order):
         return []
     tiles = [_crop_tile(result, test_set, int(k)) for k in order]
-    ok, buf = cv2.imencode(".png", make_grid(tiles, cols=cols))
+    grid = add_legend(make_grid(tiles, cols=cols), [("ground truth", GROUND_TRUTH_COLOR, True),
+                                                    (f"prediction ({result.label})", PREDICTION_COLOR, False)])
+    ok, buf = cv2.imencode(".png", grid)
     if not ok:
         raise RuntimeError("OpenCV could not encode the face grid")
     atomic_write(path, buf.tobytes())

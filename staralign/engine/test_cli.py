@@ -76,10 +76,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_test)
 
 
+RUN_FILES = ("best", "last", "last_ema")  # checkpoint names the trainer writes in every run folder
+
+
+def _run_name(path: str) -> str:
+    """A checkpoint's run name: the run folder's name for the files the trainer writes
+    (``runs/wflw/best.safetensors`` -> ``wflw``, ``.../last.safetensors`` -> ``wflw/last``),
+    the file's stem for any other file."""
+    p = Path(path)
+    if p.stem not in RUN_FILES:
+        return p.stem
+    folder = p.absolute().parent.name or p.stem
+    return folder if p.stem == "best" else f"{folder}/{p.stem}"
+
+
 def run_labels(paths: list[str]) -> list[str]:
-    """Short unique names for the runs: file stems, the parent folder added when stems clash."""
-    stems = [Path(p).stem for p in paths]
-    labels = [s if stems.count(s) == 1 else f"{Path(p).parent.name}/{s}" for p, s in zip(paths, stems, strict=True)]
+    """Short unique names for the runs: run folder or file names, the folder above added when
+    they clash."""
+    names = [_run_name(p) for p in paths]
+    labels = [n if names.count(n) == 1 else f"{Path(p).absolute().parent.parent.name}/{n}"
+              if Path(p).stem in RUN_FILES else f"{Path(p).parent.name}/{n}"
+              for p, n in zip(paths, names, strict=True)]
     out: list[str] = []
     for label in labels:
         name, k = label, 2

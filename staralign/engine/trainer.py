@@ -226,6 +226,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     env = D.setup(config.runtime.device)
     rt, oc = config.runtime, config.optim
     lock = RunLock(run_dir)
+    anomaly_before = torch.is_anomaly_enabled()
     try:
         if env.is_main:
             lock.acquire()
@@ -247,7 +248,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         torch.manual_seed(rt.seed)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = rt.cudnn_benchmark
-        torch.autograd.set_detect_anomaly(rt.detect_anomaly)
+        torch.autograd.set_detect_anomaly(rt.detect_anomaly)  # restored in finally: no mode left behind
 
         definition = get_definition(config.model.definition)
         preflight(config, definition)
@@ -393,15 +394,15 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                     stopped = f"time budget of {rt.time_budget_minutes:g} min reached"
                     break
             progress.close()
-            if stopped and step + 1 < steps_per_epoch:
-                checkpoint(epoch, step + 1)
-                log.info("stopping: %s (mid-epoch %d, checkpointed at step %d)", stopped, epoch + 1, step + 1)
-                break
+            # A budget that ends mid-epoch still ends with a validated, saved model: the partial
+            # epoch is validated and saved like a full one, and the state resumes at this step.
+            mid_epoch = bool(stopped) and step + 1 < steps_per_epoch
 
             train_seconds = time.monotonic() - t_epoch
             # Images per second over the epoch's training steps (all processes), data loading included.
             images_per_s = n_logged * oc.batch_size * env.world_size / max(train_seconds, 1e-9)
-            scheduler.step()
+            if not mid_epoch:
+                scheduler.step()
             scored = {"model": unwrap(model)} | ({"ema": ema.module} if ema is not None else {})
             val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp, channels_last=rt.channels_last)
             improved = False
@@ -415,7 +416,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                       "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": train_seconds,
                       "images_per_s": images_per_s, "data_wait_seconds": waited[0],
                       "skipped_batches": skipped,
-                      "lr": current_lr(optimizer)}
+                      "lr": current_lr(optimizer)} | ({"partial_steps": step + 1} if mid_epoch else {})
             history.append(record)
             metrics.write(record, (epoch + 1) * steps_per_epoch)
             log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s "
@@ -430,6 +431,11 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                 if improved:
                     src = ema.module if best["source"] == "ema" else model
                     save_model(src, run_dir / "best.safetensors")
+            if mid_epoch:
+                checkpoint(epoch, step + 1)
+                log.info("stopping: %s (mid-epoch %d: validated and saved at step %d of %d)", stopped,
+                         epoch + 1, step + 1, steps_per_epoch)
+                break
             checkpoint(epoch + 1, 0)
             if not stopped and budget_s and epoch + 1 < oc.epochs:
                 # Stop at an epoch boundary when another epoch (at the mean pace so far,
@@ -455,6 +461,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         raise failure from exc
     finally:
         lock.release()
+        torch.autograd.set_detect_anomaly(anomaly_before)
         D.teardown()
 
 
@@ -563,18 +570,8 @@ def _fmt_parts(parts: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
 
 
-class _NoProgress:
-    def update(self, n: int = 1) -> None: ...
-
-    def set_postfix(self, **kwargs) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
+    """The epoch's progress: a bar on a terminal, plain lines in a log (staralign.progress)."""
+    from ..progress import progress
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False,
-                disable=not sys.stderr.isatty() and os.environ.get("STARALIGN_PROGRESS") != "1")
+    return progress(total, desc, "step", initial=initial, enabled=enabled)

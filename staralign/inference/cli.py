@@ -174,6 +174,7 @@ class _Predictor:
                         cv2.imwrite(str(target), drawn)
                     record["output"] = str(target)
                 records.append(record)
+                progress.set_postfix(last=item.path.name)
                 progress.update(1)
 
     def video(self, item: Any, errors: list, records: list) -> None:
@@ -203,10 +204,14 @@ class _Predictor:
                 return
         frames: list[dict] = []
         batch: list = []
+        from ..progress import progress
+
+        bar = progress(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None, f"predict {item.path.name}", "frame")
 
         def flush() -> None:
             found = self.det.detect_batch(batch, boxes=[self.boxes] * len(batch), ambiguity=self.ambiguity,
                                           refine=self.args.refine)
+            bar.update(len(found))
             for frame, faces in zip(batch, found, strict=True):
                 index = len(frames)
                 frames.append({"index": index, "time": round(index / fps, 4), "faces": self.faces_json(faces)})
@@ -225,6 +230,7 @@ class _Predictor:
             if batch:
                 flush()
         finally:
+            bar.close()
             cap.release()
             if writer is not None:
                 writer.release()
@@ -277,6 +283,10 @@ def run_predict(args: argparse.Namespace) -> int:
         det = LandmarkDetector.from_checkpoint(
             args.weights, device=args.device, detector=face_detector, allow_pickle=args.allow_pickle,
             ema=args.ema, format=args.format, batch_size=args.batch_size)
+        if (args.ambiguity or args.draw_ambiguity) and not det.backend.has_ambiguity:
+            raise UserError(f"{args.weights} has no ambiguity outputs (an .onnx file exported without "
+                            "--with-ambiguity): export it again with 'staralign export --weights CKPT --onnx "
+                            f"{args.weights} --with-ambiguity', or leave out --ambiguity/--draw-ambiguity")
         # The header now: fails here, once, if the face detector is unavailable.
         header = report_header(det, str(args.weights), box=boxes is not None)
         predictor = _Predictor(args, det, boxes)
@@ -286,11 +296,11 @@ def run_predict(args: argparse.Namespace) -> int:
     records: list[dict] = []
     images = [i for i in items if i.kind == "image"]
     videos = [i for i in items if i.kind == "video"]
-    from tqdm import tqdm
+    from ..progress import progress
 
-    with tqdm(total=len(images), unit="image", disable=len(images) < 2 or None, file=sys.stderr) as progress:
-        predictor.images(images, errors, records, progress)
-    for item in tqdm(videos, unit="video", disable=len(videos) < 2 or None, file=sys.stderr):
+    with progress(len(images), "predict", "image", enabled=bool(images)) as bar:
+        predictor.images(images, errors, records, bar)
+    for item in videos:  # each video shows its own frames
         predictor.video(item, errors, records)
 
     order = {str(i.path): k for k, i in enumerate(items)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -131,33 +130,28 @@ def generate_dataset(out_dir: str | os.PathLike, train: int = 1000, test: int = 
                   image_format) for s in range(0, n, chunk)]
     rows: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
     total = counts["train"] + counts["test"]
-    last_quarter = -1
+    from ...progress import progress as make_progress
+
+    bar = make_progress(total, "synth", "face", enabled=progress)
 
     def report() -> None:
-        nonlocal last_quarter
-        if not progress:
-            return
-        done = sum(len(v) for v in rows.values())
-        if sys.stdout.isatty():
-            print(f"\rsynth: {done}/{total} faces", end="\n" if done == total else "", flush=True)
-        else:  # a log file: one line per quarter
-            quarter = done * 4 // max(total, 1)
-            if quarter > last_quarter:
-                last_quarter = quarter
-                print(f"synth: {done}/{total} faces", flush=True)
+        bar.update(sum(len(v) for v in rows.values()) - bar.n)
 
-    if workers > 1 and len(jobs) > 1:
-        # forkserver, not fork: a forked child inherits OpenCV's thread pool in a
-        # broken state when the parent already used OpenCV, and can hang.
-        with mp.get_context("forkserver" if os.name == "posix" else "spawn").Pool(
-                workers, initializer=_init_worker) as pool:
-            for job, result in zip(jobs, pool.imap(_work, jobs), strict=True):
-                rows[job[2]].extend(result)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            # forkserver, not fork: a forked child inherits OpenCV's thread pool in a
+            # broken state when the parent already used OpenCV, and can hang.
+            with mp.get_context("forkserver" if os.name == "posix" else "spawn").Pool(
+                    workers, initializer=_init_worker) as pool:
+                for job, result in zip(jobs, pool.imap(_work, jobs), strict=True):
+                    rows[job[2]].extend(result)
+                    report()
+        else:
+            for job in jobs:
+                rows[job[2]].extend(_work(job))
                 report()
-    else:
-        for job in jobs:
-            rows[job[2]].extend(_work(job))
-            report()
+    finally:
+        bar.close()
 
     for split, split_rows in rows.items():
         anns = [Annotation(r["path"], r["labels"], r["scale"], r["center"],
