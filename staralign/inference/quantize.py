@@ -55,6 +55,7 @@ class QuantizationReport:
     mode: str = "int8"
     quant_format: str = "qdq"
     per_channel: bool = True
+    op_types: list[str] | None = None  # quantised operators (None: all onnxruntime can)
     fp32_nodes: list[str] = field(default_factory=list)  # convolutions kept in float32
     calibration: str = ""
     calibration_crops: int = 0
@@ -200,12 +201,15 @@ def _nme_percent(pred: np.ndarray, ref: np.ndarray, definition: Any) -> float:
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
                   held_out: np.ndarray, *, labels: np.ndarray | None = None, calibration_source: str = "",
                   quant_format: str = "qdq", per_channel: bool = True, keep_heads_fp32: bool = False,
-                  exclude: Sequence[str] = (), threads: int | None = None) -> QuantizationReport:
+                  exclude: Sequence[str] = (), threads: int | None = None,
+                  op_types: Sequence[str] | None = ("Conv",)) -> QuantizationReport:
     """Write the int8 version of ``fp32_path`` to ``out_path`` (atomically) and check it.
 
     ``calibration``/``held_out``: network inputs (B, 3, S, S); ``labels``: exact
     normalised landmarks of ``held_out`` in the model's layout, if known.  The
     check's results go into the output file's metadata and the returned report.
+    ``op_types``: the operators to quantise (None: every one onnxruntime can, which
+    keeps the additions, concatenations and resizes between convolutions in int8 too).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -229,11 +233,12 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         quantize_static(
             str(pre), str(q), _Reader(fp32.input_name, calibration, fixed or 1),
             quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=["Conv"], per_channel=per_channel,
+            op_types_to_quantize=list(op_types) if op_types else None, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded or None, calibrate_method=CalibrationMethod.MinMax,
         )
         report = QuantizationReport(str(out_path), quant_format=quant_format, per_channel=per_channel,
+                                    op_types=list(op_types) if op_types else None,
                                     fp32_nodes=excluded, calibration=calibration_source,
                                     calibration_crops=len(calibration), held_out_crops=len(held_out))
         want = _run(fp32_path, held_out, threads)
