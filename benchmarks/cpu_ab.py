@@ -73,11 +73,11 @@ def main() -> None:
     paths["torch_fp32_original"] = torch_eager(default_threads)
     paths["torch_fp32_1thread"] = torch_eager(1)
     if args.bf16:
-        fn = make_inference_fn(copy.deepcopy(model), channels_last=True, amp="bf16")
+        bf16_fn = make_inference_fn(copy.deepcopy(model), channels_last=True, amp="bf16")
 
         def bf16():
             with torch.inference_mode():
-                fn(x)
+                bf16_fn(x)
         paths[f"torch_bf16_cl_{choice.threads}thread"] = (choice.threads, bf16)
     gflops = {}
     for spec in args.onnx:
@@ -93,8 +93,8 @@ def main() -> None:
             paths[key] = (0, lambda s=s: s.run(["landmarks"], {"images": x_np}))
             gflops[key] = network_gflop(model.config, model.definition, stacks)
 
-    for _, fn in paths.values():  # warm-up
-        fn()
+    for _, warm in paths.values():  # warm-up
+        warm()
     samples: dict[str, list[float]] = {k: [] for k in paths}
     loads = []
     for _ in range(args.rounds):
