@@ -245,6 +245,13 @@ def _infer_args(p) -> None:
     p.add_argument("--iters", type=int, default=10, help="timed iterations per repeat")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median and spread reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="time this model file (.pkl, .safetensors or .onnx, int8 included) at batch 1 and "
+                        "--batch-size instead of a random network")
+    p.add_argument("--stacks", type=int, default=None, metavar="K",
+                   help="early exit: run only the first K stacks (PyTorch; an .onnx file has its own)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow --weights that need full unpickling (trusted files only)")
 
 
 def _bench_definition(num_points: int):
@@ -266,10 +273,15 @@ def _bench_definition(num_points: int):
 
 @bench("infer", _infer_args)
 def bench_infer(args) -> dict:
-    """Inference latency of the network (random weights), with optional speed paths."""
+    """Inference latency of the network (random weights or --weights FILE), with optional speed paths."""
     import copy
 
     import torch
+
+    if args.weights:
+        from .bench_weights import bench_weights
+
+        return bench_weights(args)
 
     from .config import ConfigError, ModelConfig, to_dict
     from .models import build_model
@@ -287,7 +299,8 @@ def bench_infer(args) -> dict:
     try:
         torch.manual_seed(0)
         model = build_model(config, definition).to(device).eval()
-    except ConfigError as exc:
+        model.check_stacks(args.stacks)
+    except (ConfigError, ValueError) as exc:
         raise SystemExit(f"staralign bench infer: {exc}") from None
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, args.input_size, args.input_size)
@@ -303,7 +316,7 @@ def bench_infer(args) -> dict:
         "model": {**to_dict(config), "parameters": sum(p.numel() for p in model.parameters())},
         "input_shape": list(shape),
         "batch_size": args.batch_size,
-        "options": speed_paths,
+        "options": {**speed_paths, "stacks": args.stacks},
     }
     result.update(device_info(device))
     timing = {"iters": args.iters, "repeats": args.repeats, "warmup": args.warmup}
@@ -312,12 +325,12 @@ def bench_infer(args) -> dict:
         if uses_speed_path:
             # The fp32 eager baseline on the same input, before channels_last mutates a copy.
             reference = model
-            eager = time_fn(lambda: reference(images, all_stacks=False), device, **timing)
+            eager = time_fn(lambda: reference(images, all_stacks=False, stacks=args.stacks), device, **timing)
             model = copy.deepcopy(reference)
         t0 = time.perf_counter()
         fn = make_inference_fn(
             model, channels_last=args.channels_last, amp=args.amp, compile=args.compile,
-            cuda_graphs=args.cuda_graphs, example=images,
+            cuda_graphs=args.cuda_graphs, example=images, stacks=args.stacks,
         )
         fn(images)  # first call: compilation / capture
         if device.type == "cuda":
@@ -329,7 +342,7 @@ def bench_infer(args) -> dict:
         result["images_per_s"] = args.batch_size * 1000.0 / latency["ms_median"]
         result["setup_s"] = setup_s
         if uses_speed_path:
-            result["max_abs_landmark_diff"] = max_landmark_difference(fn, reference, images)
+            result["max_abs_landmark_diff"] = max_landmark_difference(fn, reference, images, stacks=args.stacks)
             result["eager_fp32_latency_ms"] = {k: eager[k] for k in ("ms_median", "ms_min", "ms_max")}
             result["speedup_vs_eager_fp32"] = eager["ms_median"] / latency["ms_median"]
         else:
@@ -834,5 +847,27 @@ def register(sub) -> None:
         bp = bsub.add_parser(name, help=text, description=text + ".")
         bp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
         bp.add_argument("--json", action="store_true", help="one JSON line on stdout")
+        bp.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="intra-op CPU threads for torch and onnxruntime (default: the cores this process "
+                             "may use, from its affinity and cgroup quota); recorded in the JSON")
         add_arguments(bp)
-        bp.set_defaults(func=lambda a, _run=run: emit(_run(a), a.json) or 0)
+        bp.set_defaults(func=lambda a, _run=run: emit(_with_threads(_run, a), a.json) or 0)
+
+
+def _with_threads(run: Callable, args) -> dict:
+    """Resolve and apply the thread count before ``run``, and record it in its result."""
+    import importlib.util
+
+    from .threads import resolve_threads
+
+    try:
+        args.thread_choice = resolve_threads(args.threads)
+    except ValueError as exc:
+        raise SystemExit(f"staralign bench: --threads: {exc}") from None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(args.thread_choice.threads)
+    result = run(args)
+    result["thread_settings"] = dict(args.thread_choice)
+    return result

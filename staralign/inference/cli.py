@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 __all__ = ["register", "run_export", "run_predict"]
 
 DETECTOR_CHOICES = ("yunet", "opencv", "none", "dlib", "mediapipe")
+CALIBRATION_CROPS = 64  # synthetic faces the int8 ranges are calibrated on
+HELD_OUT_CROPS = 32  # and others it is checked on
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="allow checkpoints that need full unpickling (can run code: trusted files only)")
     p.add_argument("--ema", action="store_true", help="use a training checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="faces per network call (default 8)")
+    _add_speed_arguments(p)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="PyTorch mixed precision: bf16 runs on CPUs (channels-last, oneDNN) and GPUs, fp16 on GPUs")
     p.set_defaults(func=run_predict)
 
     e = subparsers.add_parser(
@@ -75,7 +81,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest landmark difference accepted, normalised units (default 1e-4)")
     e.add_argument("--allow-pickle", action="store_true", help="see 'predict --allow-pickle'")
     e.add_argument("--ema", action="store_true", help="export a training checkpoint's EMA weights")
+    e.add_argument("--stacks", type=int, default=None, metavar="K",
+                   help="early exit: export only the first K stacks, landmarks from the K-th (default: all)")
+    e.add_argument("--quantize", choices=("int8",), default=None,
+                   help="write a statically quantised int8 file, checked against float32 on held-out crops")
+    e.add_argument("--calibration", metavar="DIR", default=None,
+                   help="folder of face crops to calibrate int8 ranges on (default: synthetic faces)")
+    e.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq",
+                   help="int8 graph form: QuantizeLinear/DequantizeLinear pairs (qdq) or QLinearConv (qoperator)")
+    e.add_argument("--quant-ops", choices=("conv", "all"), default="conv",
+                   help="quantise the convolutions only, or every operator onnxruntime can (adds, resizes too)")
+    e.add_argument("--keep-heads-fp32", action="store_true",
+                   help="keep the last stack's output convolutions in float32 (when int8 costs too much accuracy)")
     e.set_defaults(func=run_export)
+
+
+def _add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stacks", type=int, default=None, metavar="K",
+                   help="early exit: landmarks from the K-th stack, later stacks not run (default: all; "
+                        "an .onnx file runs the stacks it was exported with)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the network (default: the cores this process may use, "
+                        "from its CPU affinity and cgroup quota)")
 
 
 # --------------------------------------------------------------------------- predict
@@ -270,6 +297,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     args.weights = str(resolve_weights(args.weights))  # a name is fetched into the cache once
+    for flag, value in (("--stacks", args.stacks), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     items, missing = collect_inputs(args.inputs)
     errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
     try:
@@ -282,7 +312,8 @@ def run_predict(args: argparse.Namespace) -> int:
             face_detector = YuNetDetector(args.detector_model)
         det = LandmarkDetector.from_checkpoint(
             args.weights, device=args.device, detector=face_detector, allow_pickle=args.allow_pickle,
-            ema=args.ema, format=args.format, batch_size=args.batch_size)
+            ema=args.ema, format=args.format, batch_size=args.batch_size, stacks=args.stacks,
+            threads=args.threads, amp=args.amp)
         if (args.ambiguity or args.draw_ambiguity) and not det.backend.has_ambiguity:
             raise UserError(f"{args.weights} has no ambiguity outputs (an .onnx file exported without "
                             "--with-ambiguity): export it again with 'staralign export --weights CKPT --onnx "
@@ -341,18 +372,72 @@ def run_export(args: argparse.Namespace) -> int:
         model = load_model(args.weights, ema=args.ema, allow_pickle=args.allow_pickle)
     except ValueError as exc:  # CheckpointError, DefinitionError
         raise UserError(str(exc)) from exc
+    stacks = getattr(args, "stacks", None)
+    try:
+        model.check_stacks(stacks)
+    except ValueError as exc:
+        raise UserError(f"--stacks: {exc}") from exc
+    quantize = getattr(args, "quantize", None)
     out = Path(args.onnx)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="staralign-export-") as tmp:
+        # With --quantize the float32 graph is an intermediate: OUT gets only the int8 file.
+        fp32_path = Path(tmp) / "fp32.onnx" if quantize else out
+        try:
+            report = export_onnx(model, fp32_path, dynamic_batch=args.dynamic_batch,
+                                 opset=args.opset or DEFAULT_OPSET, with_ambiguity=args.with_ambiguity,
+                                 exporter=args.exporter, tolerance=args.tolerance, stacks=stacks)
+        except Exception as exc:  # the exporters raise many types; name the model and the cause
+            raise UserError(f"{args.weights}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
+        moments = "".join(f", {k} {v:.2e}" for k, v in report.moment_differences.items())
+        verdict = "OK" if report.passed else "FAILED"
+        if not quantize:
+            print(f"wrote {out} (opset {report.opset}, {report.exporter} exporter, "
+                  f"{'dynamic' if report.dynamic_batch else 'fixed'} batch, outputs: {', '.join(report.outputs)}"
+                  f"{'' if stacks is None else f', {stacks} stack(s)'})")
+        print(f"onnxruntime vs PyTorch on batch {report.checked_batches}: max landmark difference "
+              f"{report.max_difference:.2e} (tolerance {report.tolerance:g}){moments}: {verdict}")
+        if not report.passed:
+            return 1
+        if quantize:
+            _quantize(args, model, fp32_path, out)
+    return 0
+
+
+def _quantize(args: argparse.Namespace, model: Any, fp32_path: Path, out: Path) -> None:
+    """``export --quantize int8``: calibrate, quantise, check on held-out crops, say what it cost."""
+    from ..cli import UserError
+    from .quantize import quantize_onnx, synthetic_crops
+
+    size = int(model.config.input_size)
+    synthetic_labels = model.definition.name.upper() == "WFLW" and model.definition.num_points == 98
+    if args.calibration:
+        from .quantize import folder_crops
+
+        try:
+            crops = folder_crops(args.calibration, size)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        held_count = max(1, len(crops) // 5)  # the last fifth (sorted by name) is held out
+        calibration, held_out, labels = crops[:-held_count], crops[-held_count:], None
+        source = f"{args.calibration} ({len(crops)} crops, last {held_count} held out)"
+    else:
+        calibration, _ = synthetic_crops(CALIBRATION_CROPS, size, seed=0)
+        held_out, exact = synthetic_crops(HELD_OUT_CROPS, size, seed=1)
+        labels = exact if synthetic_labels else None
+        source = f"synthetic faces (staralign.data.synth), {CALIBRATION_CROPS} calibration + {HELD_OUT_CROPS} held out"
     try:
-        report = export_onnx(model, out, dynamic_batch=args.dynamic_batch, opset=args.opset or DEFAULT_OPSET,
-                             with_ambiguity=args.with_ambiguity, exporter=args.exporter,
-                             tolerance=args.tolerance)
-    except Exception as exc:  # the exporters raise many types; name the model and the cause
-        raise UserError(f"{args.weights}: ONNX export failed ({type(exc).__name__}: {exc})") from exc
-    print(f"wrote {out} (opset {report.opset}, {report.exporter} exporter, "
-          f"{'dynamic' if report.dynamic_batch else 'fixed'} batch, outputs: {', '.join(report.outputs)})")
-    moments = "".join(f", {k} {v:.2e}" for k, v in report.moment_differences.items())
-    verdict = "OK" if report.passed else "FAILED"
-    print(f"onnxruntime vs PyTorch on batch {report.checked_batches}: max landmark difference "
-          f"{report.max_difference:.2e} (tolerance {report.tolerance:g}){moments}: {verdict}")
-    return 0 if report.passed else 1
+        q = quantize_onnx(fp32_path, out, calibration, held_out, labels=labels, calibration_source=source,
+                          quant_format=args.quant_format, keep_heads_fp32=args.keep_heads_fp32,
+                          op_types=("Conv",) if args.quant_ops == "conv" else None)
+    except Exception as exc:  # onnxruntime.quantization raises many types
+        raise UserError(f"{args.weights}: int8 quantisation failed ({type(exc).__name__}: {exc})") from exc
+    print(f"wrote {out} (int8, {q.quant_format}, {'convolutions' if q.op_types else 'all operators'}, "
+          f"per-channel weights, calibrated on {source}"
+          f"{', last heads float32' if q.fp32_nodes else ''})")
+    truth = ("" if q.nme_fp32 is None else
+             f"; NME against exact labels: float32 {q.nme_fp32:.3f}%, int8 {q.nme_int8:.3f}%")
+    print(f"int8 vs float32 on {q.held_out_crops} held-out crops: landmark difference max {q.max_px:.3f} px, "
+          f"mean {q.mean_px:.3f} px (256 px crop); NME bound {q.nme_bound:.3f} points{truth}")
+    if q.warning:
+        print(f"warning: {q.warning}")

@@ -191,14 +191,24 @@ class LandmarkDetector:
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
                         detector: str | FaceDetector | None = "yunet", allow_pickle: bool = False,
                         ema: bool = False, format: str = "native", definition: Any = None,
-                        batch_size: int = 8) -> LandmarkDetector:
-        """From a weights file; ``.onnx`` files go to :meth:`from_onnx` (no torch needed)."""
+                        batch_size: int = 8, stacks: int | None = None, threads: int | None = None,
+                        amp: str | None = None) -> LandmarkDetector:
+        """From a weights file; ``.onnx`` files go to :meth:`from_onnx` (no torch needed).
+
+        ``stacks=K``: early exit, the K-th stack's landmarks (later stacks not run);
+        ``threads``: CPU intra-op threads (default: the cores available to this process);
+        ``amp``: ``"bf16"`` (CPU or GPU, with channels-last) or ``"fp16"`` (GPU), PyTorch only.
+        """
         if Path(path).suffix.lower() == ".onnx":
-            return cls.from_onnx(path, detector=detector, format=format, batch_size=batch_size)
+            if amp not in (None, "", "none"):
+                raise ValueError(f"{path}: amp applies to PyTorch weights; an .onnx file runs as exported")
+            return cls.from_onnx(path, detector=detector, format=format, batch_size=batch_size, stacks=stacks,
+                                 threads=threads)
         from .torch_backend import TorchBackend
 
         backend = TorchBackend.from_checkpoint(path, device=device, allow_pickle=allow_pickle, ema=ema,
-                                               definition=definition)
+                                               definition=definition, stacks=stacks, threads=threads, amp=amp,
+                                               channels_last=amp not in (None, "", "none"))
         return cls(backend, detector=detector, format=format, batch_size=batch_size, weights=str(path))
 
     @classmethod
@@ -216,21 +226,29 @@ class LandmarkDetector:
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, detector: str | FaceDetector | None = "yunet",
                   format: str = "native", providers: list[str] | None = None,
-                  batch_size: int = 8) -> LandmarkDetector:
-        """From a file written by ``staralign export``, run by onnxruntime; never imports torch."""
+                  batch_size: int = 8, stacks: int | None = None, threads: int | None = None) -> LandmarkDetector:
+        """From a file written by ``staralign export``, run by onnxruntime; never imports torch.
+
+        The stacks an ``.onnx`` file runs are fixed at export (``staralign export --stacks K``):
+        ``stacks`` other than the file's raises ValueError.
+        """
         from .onnx_backend import OnnxBackend
 
-        return cls(OnnxBackend(path, providers=providers), detector=detector, format=format,
-                   batch_size=batch_size, weights=str(path))
+        backend = OnnxBackend(path, providers=providers, threads=threads)
+        if stacks is not None and backend.stacks is not None and int(stacks) != int(backend.stacks):
+            raise ValueError(f"{path}: exported with {backend.stacks} stack(s), not {stacks}; "
+                             f"export again with 'staralign export --stacks {stacks}'")
+        return cls(backend, detector=detector, format=format, batch_size=batch_size, weights=str(path))
 
     @classmethod
     def from_model(cls, model: Any, device: str = "auto", detector: str | FaceDetector | None = "yunet",
-                   format: str = "native", batch_size: int = 8) -> LandmarkDetector:
+                   format: str = "native", batch_size: int = 8, stacks: int | None = None,
+                   threads: int | None = None) -> LandmarkDetector:
         """From a network already in memory (e.g. right after training)."""
         from .torch_backend import TorchBackend
 
-        return cls(TorchBackend(model, device), detector=detector, format=format, batch_size=batch_size,
-                   weights="the model passed to from_model")
+        return cls(TorchBackend(model, device, stacks=stacks, threads=threads), detector=detector, format=format,
+                   batch_size=batch_size, weights="the model passed to from_model")
 
     # ------------------------------------------------------------------ properties
 

@@ -46,13 +46,14 @@ EXPORTERS = ("dynamo", "torchscript")
 class OnnxExportModule(nn.Module):
     """The exported function: the network's last stack, decoded, plus optional moments."""
 
-    def __init__(self, model: nn.Module, with_ambiguity: bool = False) -> None:
+    def __init__(self, model: nn.Module, with_ambiguity: bool = False, stacks: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.with_ambiguity = with_ambiguity
+        self.stacks = stacks  # early exit: only the first K stacks are in the graph
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(images, all_stacks=False)
+        out = self.model(images, all_stacks=False, stacks=self.stacks)
         if not self.with_ambiguity:
             return (out.landmarks,)
         m = heatmap_moments(out.heatmaps[-1].float())
@@ -63,7 +64,7 @@ def output_names(with_ambiguity: bool) -> list[str]:
     return ["landmarks", "covariance", "eigenvalues", "eigenvectors"] if with_ambiguity else ["landmarks"]
 
 
-def onnx_metadata(model: nn.Module, with_ambiguity: bool) -> dict[str, Any]:
+def onnx_metadata(model: nn.Module, with_ambiguity: bool, stacks: int | None = None) -> dict[str, Any]:
     """The JSON record stored in the file: everything inference needs besides the graph."""
     definition = model.definition
     from ..data.landmark_formats import CONVERSIONS, conversion_matrix
@@ -82,6 +83,7 @@ def onnx_metadata(model: nn.Module, with_ambiguity: bool) -> dict[str, Any]:
         "definition": definition.to_dict(),
         "config": to_dict(model.config),
         "conversions": conversions,
+        "stacks": int(stacks or model.config.nstack),  # stacks in the graph (early exit: fewer than nstack)
     }
 
 
@@ -139,8 +141,8 @@ def _export_graph(module: nn.Module, example: Tensor, path: Path, opset: int, dy
                               input_names=["images"], output_names=names, dynamic_axes=axes)
 
 
-def verify_onnx(path: str | os.PathLike, model: nn.Module, images: Tensor, with_ambiguity: bool = False
-                ) -> tuple[float, dict[str, float]]:
+def verify_onnx(path: str | os.PathLike, model: nn.Module, images: Tensor, with_ambiguity: bool = False,
+                stacks: int | None = None) -> tuple[float, dict[str, float]]:
     """Largest |ORT - PyTorch| of the landmarks (normalised units), and of each moment output."""
     import onnxruntime as ort
 
@@ -148,7 +150,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, images: Tensor, with_
     names = output_names(with_ambiguity)
     got = session.run(names, {session.get_inputs()[0].name: images.numpy()})
     with torch.inference_mode():
-        want = [t.float().numpy() for t in OnnxExportModule(model, with_ambiguity).eval()(images)]
+        want = [t.float().numpy() for t in OnnxExportModule(model, with_ambiguity, stacks).eval()(images)]
     diffs = {n: float(np.abs(g - w).max()) for n, g, w in zip(names, got, want, strict=True)}
     if "eigenvectors" in diffs:  # a column's sign is arbitrary: compare up to sign
         g, w = got[names.index("eigenvectors")], want[names.index("eigenvectors")]
@@ -159,13 +161,14 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, images: Tensor, with_
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, dynamic_batch: bool = False,
                 opset: int = DEFAULT_OPSET, with_ambiguity: bool = False, exporter: str = "dynamo",
-                check: bool = True, tolerance: float = TOLERANCE) -> ExportReport:
+                check: bool = True, tolerance: float = TOLERANCE, stacks: int | None = None) -> ExportReport:
     """Write ``model`` (float32, CPU, eval) as one self-contained ``.onnx`` file and check it.
 
     The file is written beside ``path`` and renamed over it.  With ``check``
     (onnxruntime needed), ORT and PyTorch run the same face-like inputs (batch 1,
     and 1 and 3 with ``dynamic_batch``) and :attr:`ExportReport.max_difference`
     holds the largest landmark difference; the caller decides what a failure means.
+    ``stacks=K`` exports the early exit at the K-th stack (the later stacks are left out).
     """
     import onnx
 
@@ -175,13 +178,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, dynamic_batch: boo
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model stays where it is
     size = int(model.config.input_size)
     names = output_names(with_ambiguity)
-    module = OnnxExportModule(model, with_ambiguity).eval()
+    model.check_stacks(stacks)
+    module = OnnxExportModule(model, with_ambiguity, stacks).eval()
     with atomic_path(path) as tmp:
         # A batch of 2 keeps the exporter from specialising the batch dimension to 1.
         _export_graph(module, _example(size, 2 if dynamic_batch else 1), tmp, opset, dynamic_batch,
                       exporter, names)
         proto = onnx.load(str(tmp))
-        meta = onnx_metadata(model, with_ambiguity)
+        meta = onnx_metadata(model, with_ambiguity, stacks)
         props = {p.key: p.value for p in proto.metadata_props}
         props[METADATA_KEY] = json.dumps(meta)
         onnx.helper.set_model_props(proto, props)
@@ -194,7 +198,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, dynamic_batch: boo
     if check:
         worst, moments = 0.0, {}
         for batch in ([1, 3] if dynamic_batch else [1]):
-            diff, mom = verify_onnx(path, model, _example(size, batch, seed=batch + 1), with_ambiguity)
+            diff, mom = verify_onnx(path, model, _example(size, batch, seed=batch + 1), with_ambiguity, stacks)
             worst = max(worst, diff)
             for k, v in mom.items():
                 moments[k] = max(moments.get(k, 0.0), v)

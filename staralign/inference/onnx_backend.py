@@ -42,9 +42,12 @@ class OnnxBackend:
                                  "(pip install 'staralign[onnx]')") from exc
         if not self.path.is_file():
             raise OnnxModelError(f"{self.path}: no such ONNX file")
+        from ..threads import resolve_threads
+
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        # onnxruntime sizes its pool from the machine's cores; use those this process may run on.
+        self.threads = resolve_threads(threads or None).threads
+        options.intra_op_num_threads = self.threads
         try:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=providers or ["CPUExecutionProvider"])
@@ -57,6 +60,9 @@ class OnnxBackend:
         except (KeyError, TypeError, ValueError, DefinitionError) as exc:
             raise OnnxModelError(f"{self.path}: bad staralign metadata: {exc}") from exc
         self.conversions = {k: np.asarray(v, np.float64) for k, v in info.get("conversions", {}).items()}
+        nstack = (info.get("config") or {}).get("nstack")
+        self.stacks = info.get("stacks", nstack)  # stacks in the graph (older files: all of them)
+        self.quantization = info.get("quantization")  # the int8 check, for quantised files
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None

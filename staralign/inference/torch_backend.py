@@ -22,9 +22,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "auto") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "auto", *, stacks: int | None = None,
+                 amp: str | None = None, channels_last: bool = False, threads: int | None = None) -> None:
+        """``stacks``: early exit at the K-th stack; ``amp`` ("bf16", "fp16") with ``channels_last``: the
+        speed paths of :mod:`staralign.models.speed`; ``threads``: torch's intra-op threads on a CPU
+        (default: the cores this process may use, :func:`staralign.threads.resolve_threads`)."""
+        from ..threads import apply_torch_threads
+
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.stacks = model.check_stacks(stacks) if stacks is not None else None
+        self.amp = None if amp in (None, "", "none") else amp
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.threads = apply_torch_threads(threads).threads if self.device.type == "cpu" else None
         self.definition: LandmarkDefinition = model.definition
         self.input_size: int = int(model.config.input_size)
         self.conversions: dict[str, np.ndarray] = {}  # none stored: the data package has them
@@ -32,17 +44,22 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", allow_pickle: bool = False,
-                        ema: bool = False, definition: str | Path | LandmarkDefinition | None = None
-                        ) -> TorchBackend:
-        """Load an official ``.pkl``/``.pth`` or a staralign ``.safetensors`` file."""
+                        ema: bool = False, definition: str | Path | LandmarkDefinition | None = None,
+                        **speed) -> TorchBackend:
+        """Load an official ``.pkl``/``.pth`` or a staralign ``.safetensors`` file; ``speed``: see ``__init__``."""
         model = load_model(path, map_location="cpu", ema=ema, definition=definition, allow_pickle=allow_pickle)
-        return cls(model, device)
+        return cls(model, device, **speed)
 
     def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Landmarks (B, N, 2) and, with ``ambiguity``, covariances (B, N, 2, 2), normalised units."""
+        from ..models.speed import autocast
+
         with torch.inference_mode():
             images = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)
-            out = self.model(images, all_stacks=False)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.amp):
+                out = self.model(images, all_stacks=False, stacks=self.stacks)
             landmarks = out.landmarks.float().cpu().numpy()
             cov = heatmap_moments(out.heatmaps[-1].float()).covariance.cpu().numpy() if ambiguity else None
         return landmarks, cov

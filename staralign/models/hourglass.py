@@ -139,20 +139,32 @@ class StackedHourglassNet(nn.Module):
                 f"got {height}x{width}"
             )
 
-    def forward(self, images: Tensor, all_stacks: bool = True) -> StarOutput:
-        """Run all stacks on (B, 3, H, W) images normalised to [-1, 1].
+    def check_stacks(self, stacks: int | None) -> int:
+        """The number of stacks to run for ``stacks`` (None: all); ValueError outside 1..nstack."""
+        if stacks is None:
+            return self.nstack
+        if isinstance(stacks, bool) or not isinstance(stacks, int) or not 1 <= stacks <= self.nstack:
+            raise ValueError(f"stacks must be an integer from 1 to {self.nstack} (this model's stacks), "
+                             f"got {stacks!r}")
+        return stacks
+
+    def forward(self, images: Tensor, all_stacks: bool = True, stacks: int | None = None) -> StarOutput:
+        """Run the stacks on (B, 3, H, W) images normalised to [-1, 1].
 
         ``all_stacks=False`` returns only the last stack's maps (what inference
         needs) and skips fusing the earlier ones; training wants every stack.
+        ``stacks=K`` is early exit: the K-th stack's heatmaps give the landmarks
+        and the later stacks are not run at all (cheaper, less accurate; None: all).
         """
         self._check_input(images)
+        run = self.check_stacks(stacks)
         x = self.pre(images)
         fused_maps: list[Tensor] = []
         point_maps: list[Tensor] = []
         edge_maps: list[Tensor] = []
         heatmaps: Tensor | None = None
-        for i in range(self.nstack):
-            is_last = i == self.nstack - 1
+        for i in range(run):
+            is_last = i == run - 1
             # The original guides the boundary channels with the previous stack's
             # *last* heatmap (its AdaptiveWing heritage: there it was a boundary map).
             boundary = heatmaps[:, -1:] if heatmaps is not None and self.add_coord else None
