@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="allow checkpoints that need full unpickling (can run code: trusted files only)")
     p.add_argument("--ema", action="store_true", help="use a training checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="faces per network call (default 8)")
+    from .video import add_video_arguments
+
+    add_video_arguments(p)  # --smooth, --detect-every
     p.set_defaults(func=run_predict)
 
     e = subparsers.add_parser(
@@ -184,27 +187,20 @@ class _Predictor:
                 errors.append({"path": str(item.path), "error": "cannot write an annotated video (no codec)"})
                 return
         frames: list[dict] = []
-        batch: list = []
+        from .video import tracker_from_args
 
-        def flush() -> None:
-            found = self.det.detect_batch(batch, boxes=[self.boxes] * len(batch), ambiguity=self.ambiguity)
-            for frame, faces in zip(batch, found, strict=True):
-                index = len(frames)
-                frames.append({"index": index, "time": round(index / fps, 4), "faces": self.faces_json(faces)})
-                if writer is not None:
-                    writer.write(self.draw(frame, faces))
-            batch.clear()
-
+        tracker = tracker_from_args(self.det, self.args, self.boxes)  # one per video: ids start at 0
         try:
             while True:
                 ok, frame = cap.read()
                 if not ok:
                     break
-                batch.append(frame)
-                if len(batch) >= max(1, self.args.batch_size):
-                    flush()
-            if batch:
-                flush()
+                index = len(frames)
+                tracked = tracker.step(frame, t=index / fps)
+                frames.append({"index": index, "time": round(index / fps, 4),
+                               "faces": [f.to_dict(ambiguity=self.ambiguity) for f in tracked]})
+                if writer is not None:
+                    writer.write(self.draw(frame, [f.face for f in tracked]))
         finally:
             cap.release()
             if writer is not None:
@@ -241,6 +237,8 @@ def run_predict(args: argparse.Namespace) -> int:
     boxes = [_parse_box(b) for b in args.box] if args.box else None
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.detect_every < 1:
+        raise UserError(f"--detect-every must be at least 1, got {args.detect_every}")
     items, missing = collect_inputs(args.inputs)
     errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
     try:
