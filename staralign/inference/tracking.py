@@ -11,13 +11,16 @@ framed as it was trained.
 Each face is a track with an id that stays the same across frames: on a detection
 frame, detections are matched to tracks by the overlap (IoU) of the detection's
 dataset-style box with the track's landmark box; unmatched detections start new
-tracks (new ids, never reused), tracks the detector misses on more than
+tracks (new ids, never reused), a matched track whose landmark box overlaps its
+detection by less than ``reanchor_iou`` takes the detection's box for its crop
+(it was drifting off its face), tracks the detector misses on more than
 ``max_missed`` detection frames in a row end, as do tracks whose confidence stays
 low for ``max_missed + 1`` frames and tracks that converge onto the same face as an
 older track.  Confidence is STAR's own signal: the heatmaps of a face the network
 does not find spread out, so a track's ``spread`` (the median, over landmarks, of
-the heatmap's major standard deviation, in face sizes) rising above ``max_spread``
-means the face is lost.
+the heatmap's major standard deviation, in face sizes) rising above ``spread_ratio``
+times its value on the track's first frames means the face is lost.  (Relative, not
+absolute: how wide a model's heatmaps are depends on its training.)
 
 Each track's landmarks then go through its own temporal filter
 (:mod:`~staralign.inference.smoothing`); the crops always come from the unfiltered
@@ -39,14 +42,14 @@ from .detector import Ambiguity, Face, LandmarkDetector
 from .faces import framing_of
 from .smoothing import DEFAULT_MOTION, LandmarkFilter, make_filter
 
-__all__ = ["DEFAULT_DETECT_EVERY", "DEFAULT_MAX_SPREAD", "FaceTracker", "TrackedFace", "box_iou"]
+__all__ = ["DEFAULT_DETECT_EVERY", "DEFAULT_SPREAD_RATIO", "FaceTracker", "TrackedFace", "box_iou"]
 
 Box = tuple[float, float, float, float]
 
 DEFAULT_DETECT_EVERY = 10
-# Measured on the demo model (docs/inference.md, "Video"): faces median spread 0.02..0.03
-# face sizes; crops with no face well above 0.06.
-DEFAULT_MAX_SPREAD = 0.06
+# See docs/inference.md, "Video": measured on the demo model.
+DEFAULT_SPREAD_RATIO = 1.5
+REFERENCE_FRAMES = 3  # a track's reference spread: the median over its first frames
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -87,8 +90,9 @@ class _Track:
     filter: LandmarkFilter
     score: float | None = None
     missed: int = 0  # detection frames in a row without a matching detection
-    uncertain: int = 0  # frames in a row with spread > max_spread
+    uncertain: int = 0  # frames in a row with spread > spread_ratio x the reference spread
     age: int = 0
+    spreads: list[float] = field(default_factory=list)  # the first REFERENCE_FRAMES spreads
     from_detection: bool = True
     last: Face | None = field(default=None, repr=False)
 
@@ -104,16 +108,16 @@ class FaceTracker:
     """
 
     def __init__(self, detector: LandmarkDetector, smooth: str = "ambiguity",
-                 detect_every: int = DEFAULT_DETECT_EVERY, max_spread: float = DEFAULT_MAX_SPREAD,
-                 max_missed: int = 1, match_iou: float = 0.3, merge_iou: float = 0.7,
+                 detect_every: int = DEFAULT_DETECT_EVERY, spread_ratio: float = DEFAULT_SPREAD_RATIO,
+                 max_missed: int = 1, match_iou: float = 0.3, reanchor_iou: float = 0.5, merge_iou: float = 0.7,
                  boxes: Sequence[Sequence[float]] | None = None, format: str | None = None,
                  filter_options: dict[str, float] | None = None) -> None:
         if detect_every < 1:
             raise ValueError(f"detect_every must be at least 1, got {detect_every}")
         make_filter(smooth)  # fail now on an unknown name
         self.detector, self.smooth, self.detect_every = detector, smooth, int(detect_every)
-        self.max_spread, self.max_missed = float(max_spread), int(max_missed)
-        self.match_iou, self.merge_iou = float(match_iou), float(merge_iou)
+        self.spread_ratio, self.max_missed = float(spread_ratio), int(max_missed)
+        self.match_iou, self.reanchor_iou, self.merge_iou = float(match_iou), float(reanchor_iou), float(merge_iou)
         self.boxes = None if boxes is None else [tuple(float(v) for v in b) for b in boxes]
         self.format = format
         self.filter_options = {"motion": DEFAULT_MOTION, **(filter_options or {})}
@@ -148,7 +152,8 @@ class FaceTracker:
             used_t.add(i)
             used_d.add(j)
             self.tracks[i].missed, self.tracks[i].score = 0, detections[j][1]
-            if self.detect_every == 1:  # no tracking: every crop comes from a detection
+            # no tracking (every crop from a detection), or a track drifting off its face: re-anchor
+            if self.detect_every == 1 or iou < self.reanchor_iou:
                 self.tracks[i].box = detections[j][0]
         kept = []
         for i, tr in enumerate(self.tracks):
@@ -186,7 +191,10 @@ class FaceTracker:
             spread = _spread(face, unit)
             was_detected = tr.from_detection
             tr.from_detection = False
-            tr.uncertain = tr.uncertain + 1 if not spread <= self.max_spread else 0
+            if len(tr.spreads) < REFERENCE_FRAMES:
+                tr.spreads.append(spread)
+            reference = float(np.median(tr.spreads))
+            tr.uncertain = tr.uncertain + 1 if not spread <= self.spread_ratio * reference else 0
             if tr.uncertain > self.max_missed or not np.isfinite(face.landmarks).all():
                 continue
             if tr.uncertain:
