@@ -38,7 +38,8 @@ def _run_stability(args: argparse.Namespace) -> int:
 
     try:
         result = run_stability(args.weights, args.out, seeds=args.seeds, frames=args.frames, size=args.size,
-                               detect_every=args.detect_every, label_noise=args.label_noise, device=args.device)
+                               detect_every=args.detect_every, label_noise=args.label_noise, device=args.device,
+                               first_seed=args.first_seed, do_sweep=args.sweep)
     except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from exc
     print(format_table(result), end="")
@@ -83,5 +84,9 @@ def register(sub) -> None:
                     help="face box from the (perfect) detector every N frames, from the landmarks in between")
     st.add_argument("--label-noise", type=float, default=0.0,
                     help="score against labels shifted along contours by this many inter-ocular distances (0: exact)")
+    st.add_argument("--first-seed", type=int, default=0,
+                    help="seed of the first video (tune and test on different ones)")
+    st.add_argument("--sweep", action="store_true",
+                    help="try a grid of settings per filter and report the best (lowest NME): for tuning the defaults")
     st.add_argument("--device", default="cpu", help="PyTorch device")
     st.set_defaults(func=_run_stability)
