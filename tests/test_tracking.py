@@ -123,3 +123,34 @@ def test_box_iou():
     assert box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
     assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
     assert box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+
+
+class FadingNetwork(BlobNetwork):
+    """Heatmaps 10x wider from frame ``fade_at`` on: the network 'loses' the face."""
+
+    def __init__(self) -> None:
+        self.fade_at = None
+
+    def run(self, batch, ambiguity=True):
+        points, cov = super().run(batch, ambiguity)
+        if self.fade_at is not None:
+            cov *= 100.0
+        return points, cov
+
+
+def test_wide_heatmaps_ask_for_a_detection_and_end_the_track():
+    net = FadingNetwork()
+    det = LandmarkDetector(net, detector=BlobDetector())
+    tracker = FaceTracker(det, smooth="none", detect_every=100)
+    image = _scene(0)[0]
+    for t in range(4):
+        assert sorted(f.track_id for f in tracker.step(image, t=t / 30)) == [0, 1]
+    assert tracker.detections_run == 1
+    net.fade_at = 4
+    spread_before = tracker.tracks[0].spreads[0]
+    first = tracker.step(image, t=4 / 30)  # spread 10x the track's reference: still reported, detection asked
+    assert sorted(f.track_id for f in first) == [0, 1] and first[0].spread > 5 * spread_before
+    tracker.step(image, t=5 / 30)  # detection frame; the second wide frame in a row ends both tracks
+    assert tracker.detections_run == 2
+    later = tracker.step(image, t=6 / 30)  # no tracks left: detect again, new ids
+    assert sorted(f.track_id for f in later) == [2, 3]
