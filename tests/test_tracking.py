@@ -126,7 +126,7 @@ def test_box_iou():
 
 
 class FadingNetwork(BlobNetwork):
-    """Heatmaps 10x wider from frame ``fade_at`` on: the network 'loses' the face."""
+    """Heatmaps 10x wider once ``fade_at`` is set: the network has lost the face."""
 
     def __init__(self) -> None:
         self.fade_at = None
