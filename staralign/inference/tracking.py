@@ -116,7 +116,7 @@ class FaceTracker:
 
     def __init__(self, detector: LandmarkDetector, smooth: str = "ambiguity",
                  detect_every: int = DEFAULT_DETECT_EVERY, spread_ratio: float = DEFAULT_SPREAD_RATIO,
-                 max_missed: int = 1, match_iou: float = 0.3, reanchor_iou: float = 0.5, merge_iou: float = 0.7,
+                 max_missed: int = 1, match_iou: float = 0.3, reanchor_iou: float = 0.7, merge_iou: float = 0.7,
                  boxes: Sequence[Sequence[float]] | None = None, format: str | None = None,
                  filter_options: dict[str, float] | None = None) -> None:
         if detect_every < 1:
