@@ -832,6 +832,37 @@ def bench_detect(args) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- video
+
+
+def _video_args(p) -> None:
+    p.add_argument("--weights", required=True, metavar="CKPT", help="model to run (.safetensors, .pkl or .onnx)")
+    p.add_argument("--frames", type=int, default=60, help="synthetic video frames (one moving face)")
+    p.add_argument("--size", type=int, default=480, help="frame size in pixels (square)")
+    p.add_argument("--detect-every", type=int, default=10, metavar="N", help="tracking: detector every N frames")
+    p.add_argument("--detector", default="opencv", help="face detector (opencv, dlib, mediapipe)")
+    p.add_argument("--smooth", default="ambiguity", help="temporal filter: none, oneeuro, ambiguity")
+    p.add_argument("--repeats", type=int, default=2, help="passes per mode; the fastest counts")
+
+
+@bench("video", _video_args)
+def bench_video(args) -> dict:
+    """Video frames per second: tracking (detector every N frames) vs the detector on every frame."""
+    from .data.synth.sequence import synth_sequence
+    from .inference.detector import LandmarkDetector
+    from .inference.video import video_fps
+
+    seq = synth_sequence(0, frames=args.frames, size=args.size)
+    det = LandmarkDetector.from_checkpoint(args.weights, device=args.device, detector=args.detector)
+    frames = list(seq.frames)
+    video_fps(det, frames[:3], detect_every=1, smooth=args.smooth)  # warm-up
+    every = video_fps(det, frames, seq.fps, 1, args.smooth, args.repeats)
+    tracked = video_fps(det, frames, seq.fps, args.detect_every, args.smooth, args.repeats)
+    return {"bench": "video", "device": device_info(resolve_device(args.device)), "detector": args.detector,
+            "size": args.size, "detect_every_frame": every, "tracking": tracked,
+            "speedup": round(tracked["fps"] / every["fps"], 3), "load_average": list(os.getloadavg())}
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -32,6 +32,20 @@ def _run_ambiguity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stability(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from .stability import format_table, run_stability
+
+    try:
+        result = run_stability(args.weights, args.out, seeds=args.seeds, frames=args.frames, size=args.size,
+                               detect_every=args.detect_every, label_noise=args.label_noise, device=args.device,
+                               first_seed=args.first_seed, do_sweep=args.sweep)
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from exc
+    print(format_table(result), end="")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="draw synthetic faces, train the tiny preset, evaluate, write a report",
@@ -73,3 +87,20 @@ def register(sub) -> None:
     a.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment in --out (reuse data, finished and partial runs)")
     a.set_defaults(func=_run_ambiguity)
+
+    st = esub.add_parser("stability", help="temporal filters on synthetic face videos: NME, jitter and lag")
+    st.add_argument("--weights", required=True, metavar="CKPT", help="a 98-point (WFLW) model to test")
+    st.add_argument("--out", default="stability_out", help="output folder (recorded sequences, stability.json/.md)")
+    st.add_argument("--seeds", type=int, default=3, help="number of synthetic videos (one face each)")
+    st.add_argument("--frames", type=int, default=60, help="frames per video (30 fps)")
+    st.add_argument("--size", type=int, default=256, help="frame size in pixels (square)")
+    st.add_argument("--detect-every", type=int, default=10, metavar="N",
+                    help="face box from the (perfect) detector every N frames, from the landmarks in between")
+    st.add_argument("--label-noise", type=float, default=0.0,
+                    help="score against labels shifted along contours by this many inter-ocular distances (0: exact)")
+    st.add_argument("--first-seed", type=int, default=0,
+                    help="seed of the first video (tune and test on different ones)")
+    st.add_argument("--sweep", action="store_true",
+                    help="try a grid of settings per filter and report the best (lowest NME): for tuning the defaults")
+    st.add_argument("--device", default="cpu", help="PyTorch device")
+    st.set_defaults(func=_run_stability)

@@ -63,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_speed_arguments(p)
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                    help="PyTorch mixed precision: bf16 runs on CPUs (channels-last, oneDNN) and GPUs, fp16 on GPUs")
+    from .video import add_video_arguments
+
+    add_video_arguments(p)  # --smooth, --detect-every
     p.set_defaults(func=run_predict)
 
     e = subparsers.add_parser(
@@ -230,32 +233,23 @@ class _Predictor:
                 errors.append({"path": str(item.path), "error": "cannot write an annotated video (no codec)"})
                 return
         frames: list[dict] = []
-        batch: list = []
         from ..progress import progress
+        from .video import tracker_from_args
 
         bar = progress(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None, f"predict {item.path.name}", "frame")
-
-        def flush() -> None:
-            found = self.det.detect_batch(batch, boxes=[self.boxes] * len(batch), ambiguity=self.ambiguity,
-                                          refine=self.args.refine)
-            bar.update(len(found))
-            for frame, faces in zip(batch, found, strict=True):
-                index = len(frames)
-                frames.append({"index": index, "time": round(index / fps, 4), "faces": self.faces_json(faces)})
-                if writer is not None:
-                    writer.write(self.draw(frame, faces))
-            batch.clear()
-
+        tracker = tracker_from_args(self.det, self.args, self.boxes)  # one per video: ids start at 0
         try:
             while True:
                 ok, frame = cap.read()
                 if not ok:
                     break
-                batch.append(frame)
-                if len(batch) >= max(1, self.args.batch_size):
-                    flush()
-            if batch:
-                flush()
+                index = len(frames)
+                tracked = tracker.step(frame, t=index / fps)
+                frames.append({"index": index, "time": round(index / fps, 4),
+                               "faces": [f.to_dict(ambiguity=self.ambiguity) for f in tracked]})
+                if writer is not None:
+                    writer.write(self.draw(frame, [f.face for f in tracked]))
+                bar.update(1)
         finally:
             bar.close()
             cap.release()
@@ -300,6 +294,8 @@ def run_predict(args: argparse.Namespace) -> int:
     for flag, value in (("--stacks", args.stacks), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.detect_every < 1:
+        raise UserError(f"--detect-every must be at least 1, got {args.detect_every}")
     items, missing = collect_inputs(args.inputs)
     errors: list[dict[str, str]] = [{"path": p, "error": why} for p, why in missing]
     try:

@@ -487,6 +487,9 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
                             "total_ms": _ms(time.perf_counter() - start)}
         return JSONResponse(report)
 
+    from .streams import add_track_route
+
+    app.state.streams = add_track_route(app, service)  # POST /api/track: the webcam's live mode, tracked
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(Guard, settings=guard)
     return app

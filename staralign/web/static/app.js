@@ -14,7 +14,7 @@
   const els = {
     model: $("model"), drop: $("drop"), file: $("file"), accepts: $("accepts"),
     camStart: $("camera-start"), camLive: $("camera-live"), video: $("video"), capture: $("capture"),
-    live: $("live"), camStop: $("camera-stop"),
+    live: $("live"), camStop: $("camera-stop"), smooth: $("smooth"),
     box: $("show-box"), points: $("show-points"), edges: $("show-edges"), ambiguity: $("show-ambiguity"),
     indices: $("show-indices"), nstd: $("nstd"), format: $("format"), formatLabel: $("format-label"),
     detector: $("detector"),
@@ -29,6 +29,7 @@
     raw: false,       // webcam frames go as raw bytes, files as multipart
     result: null,     // the last answer of POST /api/landmarks
     stream: null,     // the webcam
+    streamId: "",     // live mode: frames go to api/track under this id, so faces keep their track ids
     busy: false,
   };
 
@@ -113,6 +114,12 @@
       }, () => null);
     const params = new URLSearchParams({ ambiguity: "true", format: els.format.value || "native" });
     if (els.detector.value) params.set("detector", els.detector.value);
+    const live = raw && els.live.checked && state.streamId;
+    if (live) {
+      params.set("stream", state.streamId);
+      params.set("smooth", els.smooth.value);
+      params.set("t", String(performance.now() / 1000));
+    }
     let body = blob;
     const headers = {};
     if (raw) {
@@ -125,7 +132,7 @@
     }
     const started = performance.now();
     try {
-      const response = await fetch(`api/landmarks?${params}`, { method: "POST", body, headers });
+      const response = await fetch(`api/${live ? "track" : "landmarks"}?${params}`, { method: "POST", body, headers });
       const roundTrip = performance.now() - started;
       if (state.blob !== blob) return; // a newer image was sent meanwhile
       if (!response.ok) {
@@ -190,7 +197,7 @@
     const layout = layoutOf(result.layout);
     const nstd = Number(els.nstd.value);
     result.inputs[0].faces.forEach((face, k) => {
-      const color = PALETTE[k % PALETTE.length];
+      const color = PALETTE[(face.track_id ?? k) % PALETTE.length]; // a tracked face keeps its colour
       const pts = face.landmarks;
       const [x1, y1, x2, y2] = face.box;
       const unit = Math.max(1, (Math.max(x2 - x1, y2 - y1) * s) / 100); // ~1/100 of the face, like viz.py
@@ -287,6 +294,7 @@
       setState("error", `No webcam: ${err.message || err.name}`);
       return;
     }
+    state.streamId = `cam${Date.now().toString(36)}${Math.random().toString(36).slice(2, 10)}`;
     els.video.srcObject = state.stream;
     await els.video.play();
     els.camLive.hidden = false;
