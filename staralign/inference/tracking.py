@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.converters import _landmark_box as landmark_box  # the 300W converter's box from landmarks
+from ..crop import landmark_box  # the 300W converter's box from landmarks (the one crop convention)
 from . import geometry
 from .detector import Ambiguity, Face, LandmarkDetector
 from .faces import framing_of
