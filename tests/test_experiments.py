@@ -157,6 +157,8 @@ def test_demo_says_plainly_when_the_model_did_not_beat_the_baseline():
     assert "beats the mean-shape baseline" in verdict(_result(), 10)
     text = verdict(_result(nme=0.1777, baseline_nme=0.1483), 3)
     assert "did NOT beat the mean-shape baseline" in text and "17.77%" in text and "--minutes 8" in text
+    assert "it trained 1 epoch, too little" in text
+    assert "--minutes 53 (the full demo needs about 53 min" in verdict(_result(nme=0.2), 10, needed=52.4)
     assert "did NOT beat" in verdict(_result(nme=float("nan")), 10)
 
 

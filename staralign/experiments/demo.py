@@ -298,16 +298,18 @@ def pick_weights(run_dir: Path, why: str = "") -> Path:
     raise ValueError(f"training in {run_dir} saved no weights ({why or 'no step ran'}): give more --minutes")
 
 
-def verdict(demo: DemoResult, minutes: float) -> str:
-    """One plain sentence on whether the model learnt anything, and what to do if not."""
+def verdict(demo: DemoResult, minutes: float, needed: float | None = None) -> str:
+    """One plain sentence on whether the model learnt anything, and what to do if not.
+    ``needed``: minutes the full demo (the default data and epochs) would take at the measured pace."""
     if demo.beat_baseline:
         return (f"The model beats the mean-shape baseline: NME {100 * demo.nme:.2f}% against "
                 f"{100 * demo.baseline_nme:.2f}%.")
-    more = max(2 * minutes, minutes + 5)
+    more = max(2 * minutes, minutes + 5, math.ceil(needed or 0))
     return (f"The model did NOT beat the mean-shape baseline (NME {100 * demo.nme:.2f}% against "
-            f"{100 * demo.baseline_nme:.2f}% for predicting the average face): {demo.trained()} is too little "
-            f"training on this machine now. Give it more time, e.g. staralign demo --minutes {more:g} "
-            "(or run it when the machine is less busy).")
+            f"{100 * demo.baseline_nme:.2f}% for predicting the average face): it {demo.trained()}, too little "
+            "training at this machine's present speed. Give it more time: staralign demo --minutes "
+            f"{more:g}" + (f" (the full demo needs about {math.ceil(needed)} min at the pace measured)"
+                           if needed else "") + ", or run it when the machine is less busy.")
 
 
 def run_demo(
@@ -388,6 +390,9 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     seconds["measure"] = clock() - t0
     plan = plan_demo(budget_s - seconds["measure"], measured, train, test, base_config.optim.epochs,
                      list(base_config.optim.milestones), base_config.optim.batch_size)
+    full = plan_demo(math.inf, measured, train, test, base_config.optim.epochs,
+                     list(base_config.optim.milestones), base_config.optim.batch_size)
+    needed = (full.estimate["total"] + seconds["measure"]) / 60
     say(f"      {measured.train_step:.2f} s per training step, {1000 * measured.draw_face:.0f} ms per face drawn: "
         f"planned {plan.train} training faces, {plan.test} test faces, {_plural(plan.epochs, 'epoch')} "
         f"(about {plan.estimate['total'] / 60:.1f} min)" + (f"; smaller than the default to fit: {plan.shrunk}"
@@ -441,7 +446,7 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     full_epochs = result.epochs_done - (1 if partial else 0)
     demo = DemoResult(out, run["nme"], run["fr"], run["auc"], float(baseline.mean()), thresholds[0],
                       full_epochs, result.stopped_early, seconds, partial, plan.steps_per_epoch, weights.name)
-    write_json(report_dir / "demo.json", {**demo.to_dict(), "verdict": verdict(demo, minutes),
+    write_json(report_dir / "demo.json", {**demo.to_dict(), "verdict": verdict(demo, minutes, needed),
                                           "minutes": minutes, "plan": asdict(plan), "measured": asdict(measured),
                                           "train": {"best_epoch": result.best_epoch,
                                                     "best_source": result.best_source,
@@ -455,5 +460,5 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
         print(demo.trained() + (f" ({demo.stopped_early})" if demo.stopped_early else "")
               + f"; total {seconds['total'] / 60:.1f} min of {minutes:g}. "
               f"Files: {json.dumps(sorted(p.name for p in report_dir.iterdir()))}")
-        print(verdict(demo, minutes), flush=True)
+        print(verdict(demo, minutes, needed), flush=True)
     return demo
