@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -83,7 +84,11 @@ class Progress:
             self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, dynamic_ncols=True,
                              leave=False, file=self.stream)
         elif self.mode == "lines" and heartbeat and self.interval > 0:
-            self._thread = threading.Thread(target=self._beat, name=f"progress: {desc}", daemon=True)
+            # The thread holds the Progress weakly: one left unclosed (an exception out of the loop)
+            # is collected, and its heartbeat ends with it.
+            self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop,
+                                                                     min(self.interval, 5.0)),
+                                            name=f"progress: {desc}", daemon=True)
             self._thread.start()
 
     # ------------------------------------------------------------------ use
@@ -160,9 +165,15 @@ class Progress:
     def _tenth_of(self, n: int) -> int:
         return n * TENTHS // self.total if self.total else 0
 
-    def _beat(self) -> None:
-        while not self._stop.wait(min(self.interval, 5.0)):
-            self.tick()
+
+
+def _heartbeat(ref: weakref.ref, stop: threading.Event, period: float) -> None:
+    while not stop.wait(period):
+        owner = ref()
+        if owner is None:
+            return
+        owner.tick()
+        del owner
 
 
 def progress(total: int | None, desc: str, unit: str = "step", **kwargs: Any) -> Progress:

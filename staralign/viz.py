@@ -160,11 +160,14 @@ def draw_landmarks(
                                                 if clipped else "")
             _caption(canvas, note, box, amb_color)
     rr = max(1, int(round(r * _ONE)))
-    ring = max(1, int(round(r / 2)))
+    ring = max(1, int(round(r * 0.6)))
     for i in np.flatnonzero(finite):
         centre = tuple(int(v) for v in _fix(pts[i]))
-        if outline is not None:
-            cv2.circle(canvas, centre, rr + _ONE, outline, -1 if not hollow else ring + 2, cv2.LINE_AA, _SHIFT)
+        if outline is not None:  # one pixel of rim on each side of a ring, around a dot
+            if hollow:
+                cv2.circle(canvas, centre, rr, outline, ring + 2, cv2.LINE_AA, _SHIFT)
+            else:
+                cv2.circle(canvas, centre, rr + _ONE, outline, -1, cv2.LINE_AA, _SHIFT)
         cv2.circle(canvas, centre, rr, color, ring if hollow else -1, cv2.LINE_AA, _SHIFT)
     if indices:
         scale = max(0.25, unit * 0.2)

@@ -157,6 +157,8 @@ def test_demo_says_plainly_when_the_model_did_not_beat_the_baseline():
     assert "beats the mean-shape baseline" in verdict(_result(), 10)
     text = verdict(_result(nme=0.1777, baseline_nme=0.1483), 3)
     assert "did NOT beat the mean-shape baseline" in text and "17.77%" in text and "--minutes 8" in text
+    assert "it trained 1 epoch, too little" in text
+    assert "--minutes 53 (the full demo needs about 53 min" in verdict(_result(nme=0.2), 10, needed=52.4)
     assert "did NOT beat" in verdict(_result(nme=float("nan")), 10)
 
 
@@ -216,3 +218,18 @@ def test_demo_uses_the_cores_other_work_leaves_free():
     assert threads_for_load(2, 1.0, 2) == 1  # one core busy
     assert threads_for_load(2, 16.0, 2) == 1  # never fewer than one
     assert threads_for_load(8, 2.0, 16) == 8  # never more than torch's own choice
+
+
+def test_demo_ends_with_a_model_and_a_report_when_the_budget_is_spent_early(tmp_path, capsys):
+    """A fake clock that races ahead (a machine far slower than planned): no error, a model anyway."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 15.0
+        return now[0]
+
+    result = run_demo(tmp_path, minutes=2, train=24, test=8, workers=0, overrides=SMALL, clock=clock)
+    out = capsys.readouterr().out
+    assert "training at least one step (this overruns --minutes 2" in out
+    assert result.weights == "best.safetensors" and (tmp_path / "report" / "demo.json").exists()
+    assert "did NOT beat" in out or result.beat_baseline

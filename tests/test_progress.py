@@ -176,3 +176,15 @@ def test_training_reports_steps_loss_and_time_in_a_log(tmp_path, capsys, no_term
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch 1/1: ") and "steps" in ln]
     assert lines[-1].startswith("epoch 1/1: 4/4 steps (100%)") and "loss " in lines[-1]
     assert any(" left" in ln for ln in lines) and all("elapsed" in ln for ln in lines)
+
+
+def test_an_unclosed_progress_stops_its_heartbeat_when_dropped():
+    import gc
+
+    out = io.StringIO()
+    bar = Progress(5, "x", stream=out, mode="lines", interval=0.05)
+    thread = bar._thread
+    del bar
+    gc.collect()
+    thread.join(1.0)
+    assert not thread.is_alive()

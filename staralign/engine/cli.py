@@ -199,6 +199,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model (one process, or many with torchrun)")
+    p = sub.add_parser("train", help="train a model (one process, or many with torchrun)",
+                       description="Train a model (one process, or many with torchrun).  Settings come from "
+                                   "--preset, then --config FILE.yaml over it, then the flags below over both; "
+                                   "a flag without a default shown keeps the preset's value.  The run folder "
+                                   "(--out) holds the configuration, logs and checkpoints (docs/training.md).")
     _add_train_arguments(p)
     p.set_defaults(func=run_train)

@@ -35,7 +35,8 @@ import numpy as np
 from .common import draw_faces, tiny_config
 
 EVAL_RESERVE_MINUTES = 1.0  # the least kept for evaluation and the report (the early refusal)
-MIN_TRAIN_MINUTES = 0.5  # less than this left for training is an error
+MIN_TRAIN_MINUTES = 0.5  # less than this left for training is an error (checked before drawing anything)
+MIN_TRAIN_STOP_MINUTES = 0.05  # the least training budget given, so that there is a model to report
 GRID_FACES = 16  # the first test faces drawn in predictions.png
 MARKER = ".staralign-demo"  # names what a demo made in its folder, so a re-run removes only that
 MADE = ("data", "run", "report", "train_config.yaml", ".probe")  # what a demo writes in its folder
@@ -298,16 +299,18 @@ def pick_weights(run_dir: Path, why: str = "") -> Path:
     raise ValueError(f"training in {run_dir} saved no weights ({why or 'no step ran'}): give more --minutes")
 
 
-def verdict(demo: DemoResult, minutes: float) -> str:
-    """One plain sentence on whether the model learnt anything, and what to do if not."""
+def verdict(demo: DemoResult, minutes: float, needed: float | None = None) -> str:
+    """One plain sentence on whether the model learnt anything, and what to do if not.
+    ``needed``: minutes the full demo (the default data and epochs) would take at the measured pace."""
     if demo.beat_baseline:
         return (f"The model beats the mean-shape baseline: NME {100 * demo.nme:.2f}% against "
                 f"{100 * demo.baseline_nme:.2f}%.")
-    more = max(2 * minutes, minutes + 5)
+    more = max(2 * minutes, minutes + 5, math.ceil(needed or 0))
     return (f"The model did NOT beat the mean-shape baseline (NME {100 * demo.nme:.2f}% against "
-            f"{100 * demo.baseline_nme:.2f}% for predicting the average face): {demo.trained()} is too little "
-            f"training on this machine now. Give it more time, e.g. staralign demo --minutes {more:g} "
-            "(or run it when the machine is less busy).")
+            f"{100 * demo.baseline_nme:.2f}% for predicting the average face): it {demo.trained()}, too little "
+            "training at this machine's present speed. Give it more time: staralign demo --minutes "
+            f"{more:g}" + (f" (the full demo needs about {math.ceil(needed)} min at the pace measured)"
+                           if needed else "") + ", or run it when the machine is less busy.")
 
 
 def run_demo(
@@ -388,6 +391,9 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     seconds["measure"] = clock() - t0
     plan = plan_demo(budget_s - seconds["measure"], measured, train, test, base_config.optim.epochs,
                      list(base_config.optim.milestones), base_config.optim.batch_size)
+    full = plan_demo(math.inf, measured, train, test, base_config.optim.epochs,
+                     list(base_config.optim.milestones), base_config.optim.batch_size)
+    needed = (full.estimate["total"] + seconds["measure"]) / 60
     say(f"      {measured.train_step:.2f} s per training step, {1000 * measured.draw_face:.0f} ms per face drawn: "
         f"planned {plan.train} training faces, {plan.test} test faces, {_plural(plan.epochs, 'epoch')} "
         f"(about {plan.estimate['total'] / 60:.1f} min)" + (f"; smaller than the default to fit: {plan.shrunk}"
@@ -402,9 +408,10 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
 
     reserve = max(plan.estimate["evaluate"] + 2 * plan.test * measured.eval_face, EVAL_RESERVE_MINUTES * 60 / 2)
     train_budget = (budget_s - (clock() - t0) - reserve) / 60
-    if train_budget <= MIN_TRAIN_MINUTES / 2:
-        raise ValueError(f"--minutes {minutes:g} leaves no time to train after drawing the data on this machine "
-                         f"now: give more --minutes")
+    if train_budget < MIN_TRAIN_STOP_MINUTES:  # a model to report matters more than the last seconds
+        say(f"      the budget is all but spent on this machine now: training at least one step (this overruns "
+            f"--minutes {minutes:g}; give more --minutes)")
+        train_budget = MIN_TRAIN_STOP_MINUTES
     config = tiny_config(data_dir, workers, device, seed, {
         "optim": {"epochs": plan.epochs, "milestones": plan.milestones},
         "runtime": {"time_budget_minutes": round(train_budget, 3)}}, overrides)
@@ -441,7 +448,7 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     full_epochs = result.epochs_done - (1 if partial else 0)
     demo = DemoResult(out, run["nme"], run["fr"], run["auc"], float(baseline.mean()), thresholds[0],
                       full_epochs, result.stopped_early, seconds, partial, plan.steps_per_epoch, weights.name)
-    write_json(report_dir / "demo.json", {**demo.to_dict(), "verdict": verdict(demo, minutes),
+    write_json(report_dir / "demo.json", {**demo.to_dict(), "verdict": verdict(demo, minutes, needed),
                                           "minutes": minutes, "plan": asdict(plan), "measured": asdict(measured),
                                           "train": {"best_epoch": result.best_epoch,
                                                     "best_source": result.best_source,
@@ -455,5 +462,5 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
         print(demo.trained() + (f" ({demo.stopped_early})" if demo.stopped_early else "")
               + f"; total {seconds['total'] / 60:.1f} min of {minutes:g}. "
               f"Files: {json.dumps(sorted(p.name for p in report_dir.iterdir()))}")
-        print(verdict(demo, minutes), flush=True)
+        print(verdict(demo, minutes, needed), flush=True)
     return demo
