@@ -175,6 +175,7 @@ class KeypointFraming:
         c = f["eyes"] + along_u * f["u"] + self.center_v * side * f["v"]
         return side / FACE_SIZE, (float(c[0]), float(c[1])), float(f["angle"])
 
+
 # Fitted by benchmarks/fit_framing.py on the real faces of ../shared/faces, untilted (the
 # cascade finds 39 of 43, and 10 and 9 when they are turned by -30 and +30 degrees;
 # OpenCV 4.14): least squares from the Haar box to the 300W converter's crop.  The Haar
