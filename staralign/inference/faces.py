@@ -286,15 +286,15 @@ ROLL_FINE_STEP = 15.0  # then the best angle +- this, degrees
 class YuNetDetector:
     """OpenCV's YuNet face detector (``cv2.FaceDetectorYN``): boxes, five keypoints, scores.
 
-    Far better than the Haar cascade on real photos (turned, tilted, small faces) at a
-    similar cost.  ``model``: the ONNX file; None fetches it through
+    Far better than the Haar cascade on real photos (turned, tilted, small faces), and
+    faster (docs/benchmarks.md).  ``model``: the ONNX file; None fetches it through
     :func:`staralign.hub.fetch` (cache, mirror and offline rules; raises
     :class:`staralign.hub.Unavailable` when it cannot be had).
 
     YuNet runs at the image's own size (its input size is set per image), except that
     an image whose longer side exceeds ``max_side`` is searched at a reduced size and
     the boxes and keypoints are scaled back: the cost grows with the pixel count
-    (about 2.3x from 1280x720 to 1920x1080) while a face that is still 10 pixels wide
+    (1.8x from 1280x720 to 1920x1080, measured) while a face that is still 10 pixels wide
     after the reduction is found, so only faces smaller than about 15 pixels in a
     1920-pixel photo are given up.  ``max_side=None`` searches every image whole.
     ``score`` is YuNet's confidence in [0, 1]; detections below ``score_threshold``
@@ -308,9 +308,10 @@ class YuNetDetector:
     patch (``ROLL_PATCH`` pixels, 2.2 face boxes wide) around the face turned by each
     of ``roll_search``'s angles, then by the best of them +-15 degrees; the keypoints
     of the surest of these runs, whose face is then nearly upright, are mapped back
-    into the photo and replace the first ones.  On the 43 shared faces turned by -30, 0 and +30 degrees this brings the
-    eye line's error from 25 degrees (turned) to 6 (the disagreement with dlib's
-    points on upright faces); it costs seven small YuNet runs per face.
+    into the photo and replace the first ones.  On the 43 shared faces turned by -30
+    and +30 degrees this brings the crop's roll error from 27 degrees to 6.8 (as on
+    the untilted photos, where it is mostly the heads' own roll); it costs seven small
+    YuNet runs per face (benchmarks/fit_framing.py, docs/benchmarks.md).
     ``roll_search=None`` keeps YuNet's own keypoints.
     """
 
