@@ -286,6 +286,24 @@ def test_nan_weights_raise_an_error_naming_the_file(tmp_path):
         det.detect(np.zeros((64, 64, 3), np.uint8))
 
 
+def test_predict_with_nan_weights_is_a_one_line_error(tmp_path, capsys):
+    from staralign.cli import main
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    path = save_model(model, tmp_path / "diverged.safetensors")
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), render_face(np.random.default_rng(0), 96)[0])
+    out = tmp_path / "out.json"
+    assert main(["predict", str(image), "--weights", str(path), "--detector", "none", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged.safetensors" in err[0] and "not finite" in err[0]
+    assert not out.exists()  # no report with null landmarks
+
+
 @pytest.mark.skipif(not HAS_HAAR, reason="this OpenCV has no Haar cascades")
 def test_bench_detect_prints_one_json_result_per_detector_and_size(capsys):
     import json
