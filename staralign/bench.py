@@ -739,7 +739,7 @@ def _detect_args(p) -> None:
     p.add_argument("--sizes", default="640x480,1920x1080", metavar="WxH,...",
                    help="image sizes to time (default 640x480,1920x1080)")
     p.add_argument("--detectors", default="yunet,opencv", metavar="NAME,...",
-                   help="face detectors to time: yunet, opencv (Haar)")
+                   help="face detectors to time: yunet, yunet-no-roll-search, opencv (Haar)")
     p.add_argument("--yunet", metavar="FILE", help="YuNet ONNX file (default: the cached download)")
     p.add_argument("--yunet-max-side", type=int, default=1280, metavar="PX",
                    help="YuNet searches larger images reduced to this longer side; 0: whole (default 1280)")
@@ -792,10 +792,11 @@ def bench_detect(args) -> dict:
     detectors = {}
     for name in (n.strip() for n in args.detectors.split(",") if n.strip()):
         try:
-            if name == "yunet":  # YuNet itself, never the Haar fallback, so the figures are YuNet's
-                from .inference.faces import YuNetDetector
+            if name in ("yunet", "yunet-no-roll-search"):  # YuNet itself, never the Haar fallback
+                from .inference.faces import ROLL_SEARCH_ANGLES, YuNetDetector
 
-                detectors[name] = YuNetDetector(args.yunet, max_side=args.yunet_max_side or None)
+                detectors[name] = YuNetDetector(args.yunet, max_side=args.yunet_max_side or None,
+                                                roll_search=ROLL_SEARCH_ANGLES if name == "yunet" else None)
             else:
                 detectors[name] = get_face_detector(name)
         except FaceDetectorError as exc:

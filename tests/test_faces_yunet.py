@@ -211,6 +211,23 @@ def test_yunet_finds_the_astronaut_with_keypoints_where_her_face_is():
 
 
 @needs_yunet
+@pytest.mark.parametrize("turn", [30.0, -60.0])
+def test_yunet_roll_search_reads_a_tilted_face_so_the_crop_turns_with_it(turn):
+    skimage_data = pytest.importorskip("skimage.data")
+    image = cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR)
+    upright = YuNetDetector(YUNET_PATH)(image)[0]
+    roll0 = YUNET_FRAMING.place(upright[0], upright[2])[2]
+    tilted = cv2.warpAffine(image, rotation(turn, (255.5, 255.5))[:2], (512, 512))
+    found = YuNetDetector(YUNET_PATH)(tilted)
+    assert len(found) == 1
+    angle = YUNET_FRAMING.place(found[0][0], found[0][2])[2]
+    assert abs(((angle - (roll0 - turn)) + 180) % 360 - 180) < 10  # the face's roll, clockwise on screen
+    # YuNet's own keypoints barely turn with the face: why the search is there.
+    raw = YuNetDetector(YUNET_PATH, roll_search=None)(tilted)[0]
+    assert abs(keypoint_frame(raw[2])["angle"] - roll0) < abs(turn) / 2
+
+
+@needs_yunet
 def test_yunet_reduces_large_images_and_maps_boxes_back():
     skimage_data = pytest.importorskip("skimage.data")
     small = cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR)
@@ -267,6 +284,24 @@ def test_nan_weights_raise_an_error_naming_the_file(tmp_path):
     det = LandmarkDetector.from_checkpoint(path, device="cpu", detector="none")
     with pytest.raises(ModelOutputError, match=r"diverged\.safetensors: the model's output is not finite"):
         det.detect(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_predict_with_nan_weights_is_a_one_line_error(tmp_path, capsys):
+    from staralign.cli import main
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    path = save_model(model, tmp_path / "diverged.safetensors")
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), render_face(np.random.default_rng(0), 96)[0])
+    out = tmp_path / "out.json"
+    assert main(["predict", str(image), "--weights", str(path), "--detector", "none", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged.safetensors" in err[0] and "not finite" in err[0]
+    assert not out.exists()  # no report with null landmarks
 
 
 @pytest.mark.skipif(not HAS_HAAR, reason="this OpenCV has no Haar cascades")

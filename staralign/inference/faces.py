@@ -175,12 +175,13 @@ class KeypointFraming:
         c = f["eyes"] + along_u * f["u"] + self.center_v * side * f["v"]
         return side / FACE_SIZE, (float(c[0]), float(c[1])), float(f["angle"])
 
-# Fitted by benchmarks/fit_framing.py on the real faces of ../shared/faces (the cascade
-# finds 39 of 43; OpenCV 4.14): least squares from the Haar box to the 300W converter's
-# crop.  The Haar box reaches from the forehead to the mouth, so the dataset box is
-# smaller and lower.  Before, a framing measured on synthetic faces with
-# calibrate_framing (expand 0.89, shift_y 0.18) was used; on the real faces it frames
-# worse (see the script's output and docs/inference.md).
+
+# Fitted by benchmarks/fit_framing.py on the real faces of ../shared/faces, untilted (the
+# cascade finds 39 of 43, and 10 and 9 when they are turned by -30 and +30 degrees;
+# OpenCV 4.14): least squares from the Haar box to the 300W converter's crop.  The Haar
+# box reaches from the forehead to the mouth, so the dataset box is smaller and lower.
+# Before, a framing measured on synthetic faces with calibrate_framing (expand 0.89,
+# shift_y 0.18) was used; on the real faces it frames worse (see docs/inference.md).
 HAAR_FRAMING = BoxFraming(expand=0.7978, shift_x=0.0192, shift_y=0.138)
 
 
@@ -268,40 +269,58 @@ class HaarDetector:
 
 
 # Fitted by benchmarks/fit_framing.py on the 43 faces of ../shared/faces (dlib's examples,
-# 68 points each): least squares from YuNet's keypoints to the 300W converter's crop.
-# In and out of sample (leave-one-out) the crop centre is off by 4.2% / 4.4% of the face
-# size on average (worst 11%) and the crop side by 4% (worst 15%); without the nose term
-# the centre error doubles (turned heads).  docs/inference.md has the table.
-YUNET_FRAMING = KeypointFraming(side_eye_mouth=1.5895, side_eye_eye=0.725, center_u=0.0058,
-                                center_v=0.3003, center_nose=-1.3873,
-                                box=BoxFraming(expand=1.0106, shift_x=0.0056, shift_y=0.161))
+# 68 points each), each also turned by -30 and +30 degrees: least squares from YuNet's
+# keypoints (after its roll search) to the 300W converter's crop, turned with the face.
+# Leave-one-out, the crop centre is off by 5.1% of the face size on average (worst 14%),
+# the crop side by 4%, the roll by 6.8 degrees, alike at every tilt (the nose term follows
+# heads turned sideways).  docs/inference.md has the table.
+YUNET_FRAMING = KeypointFraming(side_eye_mouth=1.4754, side_eye_eye=0.8076, center_u=-0.0151,
+                                center_v=0.3093, center_nose=-1.4766,
+                                box=BoxFraming(expand=0.9393, shift_x=0.0045, shift_y=0.1451))
 YUNET_FILE = "face_detection_yunet_2026may.onnx"
+ROLL_SEARCH_ANGLES = (-60.0, -30.0, 0.0, 30.0, 60.0)  # YuNetDetector's roll search, degrees
+ROLL_PATCH = 128  # pixels a side of the roll search's patches
+ROLL_FINE_STEP = 15.0  # then the best angle +- this, degrees
 
 
 class YuNetDetector:
     """OpenCV's YuNet face detector (``cv2.FaceDetectorYN``): boxes, five keypoints, scores.
 
-    Far better than the Haar cascade on real photos (turned, tilted, small faces) at a
-    similar cost.  ``model``: the ONNX file; None fetches it through
+    Far better than the Haar cascade on real photos (turned, tilted, small faces), and
+    faster (docs/benchmarks.md).  ``model``: the ONNX file; None fetches it through
     :func:`staralign.hub.fetch` (cache, mirror and offline rules; raises
     :class:`staralign.hub.Unavailable` when it cannot be had).
 
     YuNet runs at the image's own size (its input size is set per image), except that
     an image whose longer side exceeds ``max_side`` is searched at a reduced size and
     the boxes and keypoints are scaled back: the cost grows with the pixel count
-    (about 2.3x from 1280x720 to 1920x1080) while a face that is still 10 pixels wide
+    (1.8x from 1280x720 to 1920x1080, measured) while a face that is still 10 pixels wide
     after the reduction is found, so only faces smaller than about 15 pixels in a
     1920-pixel photo are given up.  ``max_side=None`` searches every image whole.
     ``score`` is YuNet's confidence in [0, 1]; detections below ``score_threshold``
     are dropped.  One instance is safe to share between threads (a lock guards the
     input size).
+
+    **Roll search.**  YuNet's keypoints barely turn with the face: on a photo turned by
+    30 degrees its eye line still reads within a few degrees of level (its training
+    faces were upright), so the crop would not turn either.  Its detection score does
+    fall as a face leans, so for each face it finds, YuNet is run again on a small
+    patch (``ROLL_PATCH`` pixels, 2.2 face boxes wide) around the face turned by each
+    of ``roll_search``'s angles, then by the best of them +-15 degrees; the keypoints
+    of the surest of these runs, whose face is then nearly upright, are mapped back
+    into the photo and replace the first ones.  On the 43 shared faces turned by -30
+    and +30 degrees this brings the crop's roll error from 27 degrees to 6.8 (as on
+    the untilted photos, where it is mostly the heads' own roll); it costs seven small
+    YuNet runs per face (benchmarks/fit_framing.py, docs/benchmarks.md).
+    ``roll_search=None`` keeps YuNet's own keypoints.
     """
 
     name = "yunet"
 
     def __init__(self, model: str | os.PathLike | None = None, score_threshold: float = 0.7,
                  nms_threshold: float = 0.3, top_k: int = 500, max_side: int | None = 1280,
-                 framing: KeypointFraming | BoxFraming | None = None) -> None:
+                 framing: KeypointFraming | BoxFraming | None = None,
+                 roll_search: Sequence[float] | None = ROLL_SEARCH_ANGLES) -> None:
         import threading
 
         if not hasattr(cv2, "FaceDetectorYN"):
@@ -318,15 +337,19 @@ class YuNetDetector:
         try:
             self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), float(score_threshold),
                                                   float(nms_threshold), int(top_k))
+            self._patch_net = cv2.FaceDetectorYN.create(str(path), "", (ROLL_PATCH, ROLL_PATCH), 0.3,
+                                                        float(nms_threshold), 20)
         except cv2.error as exc:
             raise FaceDetectorError(f"{path}: not a readable YuNet ONNX file ({exc.msg.strip()})") from None
         self.model_path, self.max_side = path, max_side
+        self.roll_search = None if roll_search is None else tuple(float(a) for a in roll_search)
         self.framing = YUNET_FRAMING if framing is None else framing
         self._lock = threading.Lock()
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        original = image
         h, w = image.shape[:2]
         zoom = 1.0 if self.max_side is None else min(1.0, self.max_side / max(h, w))
         if zoom < 1.0:
@@ -345,8 +368,44 @@ class YuNetDetector:
             # package's frame (pixel centres at integers); the framing's fit absorbs the rest.
             x, y, bw, bh = r[0] / zoom_x, r[1] / zoom_y, r[2] / zoom_x, r[3] / zoom_y
             kps = r[4:14].reshape(5, 2) / (zoom_x, zoom_y) - 0.5
-            out.append(((x - 0.5, y - 0.5, x + bw - 0.5, y + bh - 0.5), float(r[14]), kps))
+            box = (x - 0.5, y - 0.5, x + bw - 0.5, y + bh - 0.5)
+            if self.roll_search:
+                kps = self._upright_keypoints(original, box, kps)
+            out.append((box, float(r[14]), kps))
         return sorted(out, key=lambda d: -d[1])
+
+    def _upright_keypoints(self, image: np.ndarray, box: Box, keypoints: np.ndarray) -> np.ndarray:
+        """The keypoints of the surest YuNet run on the face's patch turned by each search angle
+        (then by the best angle +-15 degrees), in the photo's pixels; ``keypoints`` unchanged
+        when no run finds the face."""
+        x1, y1, x2, y2 = box
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        zoom = ROLL_PATCH / (2.2 * max(x2 - x1, y2 - y1))
+        half = (ROLL_PATCH - 1) / 2
+        best: tuple[float, float, np.ndarray] = (-1.0, 0.0, keypoints)  # score, angle, keypoints
+
+        def run(angle: float) -> None:
+            nonlocal best
+            m = cv2.getRotationMatrix2D((cx, cy), angle, zoom)  # turns the picture counter-clockwise
+            m[:, 2] += (half - cx, half - cy)
+            patch = cv2.warpAffine(image, m, (ROLL_PATCH, ROLL_PATCH), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            with self._lock:
+                _, rows = self._patch_net.detect(patch)
+            for r in (() if rows is None else rows):
+                if not (r[0] < half < r[0] + r[2] and r[1] < half < r[1] + r[3]) or r[14] <= best[0]:
+                    continue
+                inv = cv2.invertAffineTransform(m)
+                pts = np.asarray(r[4:14], np.float64).reshape(5, 2) - 0.5
+                best = (float(r[14]), angle, pts @ inv[:, :2].T + inv[:, 2])
+
+        for angle in self.roll_search or ():
+            run(angle)
+        if best[0] >= 0 and ROLL_FINE_STEP:
+            coarse = best[1]
+            for angle in (coarse - ROLL_FINE_STEP, coarse + ROLL_FINE_STEP):
+                run(angle)
+        return best[2]
 
 
 _FALLBACK_WARNED: set[str] = set()  # fallback warnings already printed in this process
