@@ -219,7 +219,7 @@ class LandmarkService:
                                         max_queue=4 * self.max_batch)
         self.detector = LandmarkDetector(self.batching, detector=LockedFaceDetector(detector.face_detector),
                                          format=detector.format, batch_size=self.max_batch,
-                                         ambiguity=detector.ambiguity)
+                                         ambiguity=detector.ambiguity, weights=detector.weights)
         self._named_face_detectors: dict[str, Any] = {}
         self._named_lock = threading.Lock()
 
