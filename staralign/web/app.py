@@ -287,7 +287,7 @@ class LandmarkService:
         """
         t0 = time.perf_counter()
         _, width, height = self.check(data)
-        with self._reserve_pixels(width * height):
+        with self.batching.batcher.expecting(), self._reserve_pixels(width * height):
             t1 = time.perf_counter()
             image = self.decode(data)
             if box is not None:
