@@ -399,7 +399,8 @@ def test_header_sizes_match_pillow():
 
 def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
     images = [face_png(seed, 96 + 16 * seed)[0] for seed in range(8)]
-    app = create_app(detector, max_batch=1)  # batching off: every request's crops in a call of their own
+    # batching off: every request's crops in a call of their own; a pixel limit that makes the budget bind
+    app = create_app(detector, max_batch=1, limits=Limits(max_pixels=60_000))
     with TestClient(app) as c:
         sequential = [post_file(c, data, ambiguity="true").json()["inputs"][0] for data in images]
         active, most, held, most_held = 0, 0, 0, 0
@@ -410,10 +411,11 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
 
         def spying_decode(*args, **kwargs):
             nonlocal held, most_held
+            image = real_decode(*args, **kwargs)
             with guard:
-                held += 1
+                held += image.shape[0] * image.shape[1]
                 most_held = max(most_held, held)
-            return real_decode(*args, **kwargs)
+            return image
 
         def spying_run(*args, **kwargs):
             nonlocal active, most
@@ -427,13 +429,13 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
                 with guard:
                     active -= 1
 
-        def spying_detect(*args, **kwargs):
+        def spying_detect(image, *args, **kwargs):
             nonlocal held
             try:
-                return real_detect(*args, **kwargs)
+                return real_detect(image, *args, **kwargs)
             finally:
                 with guard:
-                    held -= 1  # the model is done with this decoded image
+                    held -= image.shape[0] * image.shape[1]  # the model is done with this decoded image
 
         monkeypatch.setattr(detector.backend, "run", spying_run)
         monkeypatch.setattr(app.state.service.detector, "detect", spying_detect)
@@ -445,7 +447,8 @@ def test_parallel_requests_equal_sequential_ones(detector, monkeypatch):
         assert r.status_code == 200, r.text
         assert r.json()["inputs"][0] == sequential[i], i
     assert most == 1  # model calls never overlapped
-    assert most_held <= 1  # decoded images waiting for the model are bounded by the decode slots (max_batch)
+    # decoded images waiting for the model stay within the pixel budget (2 x max_pixels), which binds here
+    assert most_held <= 2 * 60_000 < sum(cv2.imdecode(np.frombuffer(d, np.uint8), 1).size // 3 for d in images)
     assert len({json.dumps(s["faces"]) for s in sequential}) == len(images)  # the images really differ
 
 

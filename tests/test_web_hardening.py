@@ -486,3 +486,32 @@ def test_a_trickling_upload_meets_the_body_deadline(detector):
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"] == "upload_timeout"
     assert 1.5 <= took < 4 and pieces >= 5
+
+
+def test_the_worker_waits_only_for_announced_callers():
+    calls: list[int] = []
+
+    def fn(rows, key):
+        calls.append(len(rows))
+        return (rows,)
+
+    with MicroBatcher(fn, max_batch=8, max_wait_s=2.0) as batcher:
+        start = time.monotonic()
+        batcher.run(np.zeros((1, 1)))  # nobody announced: runs at once, not after max_wait_s
+        assert time.monotonic() - start < 1.0
+        announced = threading.Event()
+
+        def late_caller():
+            with batcher.expecting():
+                announced.set()
+                time.sleep(0.3)  # still decoding its image
+                return batcher.run(np.ones((1, 1)))
+
+        with ThreadPoolExecutor(1) as pool:
+            late = pool.submit(late_caller)
+            assert announced.wait(5)
+            start = time.monotonic()
+            early = batcher.run(np.full((1, 1), 2.0))  # waits for the announced caller, then both run
+            waited = time.monotonic() - start
+            assert late.result(5)[0][0, 0] == 1.0 and early[0][0, 0] == 2.0
+    assert calls == [1, 2] and 0.2 < waited < 2.0

@@ -2,10 +2,13 @@
 
 A server answering several clients at once otherwise runs the network once per
 request, one after the other, each call at batch 1.  :class:`MicroBatcher` takes
-the crops each caller submits, waits a few milliseconds for crops from other
-callers (never longer than ``max_wait_s``, never past ``max_batch`` crops), runs
-them as one batch on a single worker thread and hands each caller back exactly
-its own rows.  :class:`BatchingBackend` puts it behind the
+the crops each caller submits and runs what has queued as one batch on a single
+worker thread (at most ``max_batch`` crops), handing each caller back exactly its
+own rows.  Crops that arrive while a batch runs form the next one.  A caller
+that will submit soon (a request still decoding its image) can say so
+(:meth:`MicroBatcher.expecting`); the worker then waits for it, up to
+``max_wait_s``, so requests that arrive within a few milliseconds run together.
+Nobody announced, nobody waits: a lone client pays no latency for batching.  :class:`BatchingBackend` puts it behind the
 :class:`~staralign.inference.detector.Backend` interface, so a
 :class:`~staralign.inference.detector.LandmarkDetector` built on it does its face
 detection and cropping in the calling thread, as always, and only the network
@@ -28,10 +31,11 @@ Guarantees, each tested:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +67,9 @@ class MicroBatcher:
 
     ``fn(stacked_rows, key)`` returns a tuple of outputs, each an array with one row per
     input row (or None).  ``max_batch``: most rows a call gets (a single submission
-    larger than that still runs whole, alone).  ``max_wait_s``: how long the worker
-    waits for more submissions once it has one.  ``max_queue``: most rows waiting.
+    larger than that still runs whole, alone).  ``max_wait_s``: how long the worker,
+    once it has a submission, waits for callers announced with :meth:`expecting`.
+    ``max_queue``: most rows waiting.
     """
 
     def __init__(self, fn: BatchFn, max_batch: int = 8, max_wait_s: float = 0.005, max_queue: int = 64,
@@ -76,6 +81,8 @@ class MicroBatcher:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._coming = 0  # callers inside expecting() that have not submitted yet
+        self._local = threading.local()
         self.calls = 0  # backend calls made (for tests and benchmarks)
         self.rows = 0  # rows run
         self.name = name
@@ -98,6 +105,9 @@ class MicroBatcher:
             if self._queued_rows and self._queued_rows + len(rows) > self.max_queue:
                 raise BatchQueueFull(f"{self._queued_rows} crops are already waiting for the network "
                                      f"(limit {self.max_queue})")
+            if getattr(self._local, "coming", False):  # an announced caller has arrived
+                self._local.coming = False
+                self._coming -= 1
             self._queue.append(job)
             self._queued_rows += len(rows)
             if self._thread is None:
@@ -105,6 +115,29 @@ class MicroBatcher:
                 self._thread.start()
             self._cond.notify()
         return job.future
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announce that this thread will :meth:`submit` within the block (it may also not).
+
+        Until it does (or leaves the block), a batch that could take its rows waits for
+        it, at most ``max_wait_s``.  Use it around the work that precedes a submission:
+        decoding an image, finding its faces.
+        """
+        if getattr(self._local, "coming", False):  # already announced: nested use counts once
+            yield
+            return
+        with self._cond:
+            self._coming += 1
+            self._local.coming = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                if self._local.coming:
+                    self._local.coming = False
+                    self._coming -= 1
+                self._cond.notify_all()
 
     def run(self, rows: np.ndarray, key: Hashable = None) -> tuple[Any, ...]:
         """:meth:`submit` and wait for the result (re-raises the call's exception)."""
@@ -135,7 +168,7 @@ class MicroBatcher:
                     self._thread = None  # under the lock: the next submit starts a new worker
                     return None
             deadline = time.monotonic() + self.max_wait_s
-            while not self._closed:
+            while not self._closed and self._coming > 0:  # wait only for callers on their way
                 if self._fitting_rows() >= self.max_batch:
                     break
                 left = deadline - time.monotonic()

@@ -25,12 +25,13 @@ Design choices, each for a reason:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -198,25 +199,30 @@ class LandmarkService:
 
     ``max_batch``: most crops in one network call (1: every request alone, one call
     at a time); ``batch_wait_s``: how long a crop waits for others to join it.
-    ``decode_slots`` (default ``max_batch``) bounds the decoded images held at once.
+    ``pixel_budget`` (default twice ``limits.max_pixels``, the memory of two images at
+    the limit) bounds the pixels of the decoded images held at once: many webcam
+    frames can wait for one batch together, two images at the limit cannot be joined
+    by a third.
     """
 
     def __init__(self, detector: LandmarkDetector, weights_name: str, limits: Limits,
-                 decode_slots: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.005) -> None:
+                 pixel_budget: int | None = None, max_batch: int = 8, batch_wait_s: float = 0.005) -> None:
         from ..inference.batching import BatchingBackend, LockedFaceDetector
         from ..inference.detector import LandmarkDetector
         from ..inference.report import face_detector_name
 
         self.weights_name, self.limits = weights_name, limits
         self.max_batch = max(1, int(max_batch))
-        self._decode_slots = threading.BoundedSemaphore(max(1, decode_slots or self.max_batch))
+        self.pixel_budget = max(1, int(pixel_budget or 2 * limits.max_pixels))
+        self._pixels_held = 0
+        self._pixels_free = threading.Condition()
         self.layouts = detector.formats()  # the values ?format= accepts, and the layout of each
         # Created now, not on the first request: an unavailable detector fails at start-up.
         self.detector_name = face_detector_name(detector)
         # What requests run on: the loaded detector's face detector (one call at a time) and
         # network, whose calls the batching backend merges across requests.
         self.batching = BatchingBackend(detector.backend, max_batch=self.max_batch, max_wait_s=batch_wait_s,
-                                        max_queue=4 * self.max_batch)
+                                        max_queue=max(64, 8 * self.max_batch))
         self.detector = LandmarkDetector(self.batching, detector=LockedFaceDetector(detector.face_detector),
                                          format=detector.format, batch_size=self.max_batch,
                                          ambiguity=detector.ambiguity, weights=detector.weights)
@@ -301,11 +307,13 @@ class LandmarkService:
             face_detector: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
         """Decode and predict one upload; (report, seconds spent decoding / waiting / in the model).
 
-        A slot is held from decoding until the model is done with the image, so at most
-        ``decode_slots`` decoded images exist at once however many requests queue for the model.
+        The image's pixels (from its header) are reserved from the pixel budget before
+        decoding and returned when the model is done with it, so the decoded images
+        waiting for the model stay within the budget however many requests queue.
         """
         t0 = time.perf_counter()
-        with self._decode_slots:
+        _, width, height = self.check(data)
+        with self.batching.batcher.expecting(), self._reserve_pixels(width * height):
             t1 = time.perf_counter()
             image = self.decode(data)
             if box is not None:
@@ -313,6 +321,20 @@ class LandmarkService:
             t2 = time.perf_counter()
             report, wait, infer = self.predict(image, name, ambiguity, fmt, box, face_detector)
         return report, {"decode": t2 - t1, "wait": wait + (t1 - t0), "inference": infer}
+
+    @contextlib.contextmanager
+    def _reserve_pixels(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.pixel_budget)  # one image at the limit always fits alone
+        with self._pixels_free:
+            while self._pixels_held + pixels > self.pixel_budget:
+                self._pixels_free.wait()
+            self._pixels_held += pixels
+        try:
+            yield
+        finally:
+            with self._pixels_free:
+                self._pixels_held -= pixels
+                self._pixels_free.notify_all()
 
     def predict(self, image: np.ndarray, name: str, ambiguity: bool, fmt: str,
                 box: tuple[float, float, float, float] | None,
