@@ -232,6 +232,10 @@ def run_failure(exc: BaseException, run_dir: str | os.PathLike) -> RunFailure | 
         last = [x for x in str(exc).splitlines() if x.strip()][-1]
         what = last.split("ImageReadError: ", 1)[-1] + "; fix or remove that row (staralign data check lists " \
             "every problem)"
+    elif isinstance(exc, RuntimeError) and str(exc).startswith("Error(s) in loading state_dict"):
+        return RunFailure(f"{run_dir / 'train_state.pt'}: its weights do not fit the model in "
+                          f"{run_dir / 'config.yaml'} (was it copied from another run?); restore the run's own "
+                          "state or start a new run with --out")
     elif isinstance(exc, RuntimeError) and _write_failure(run_dir / "train_state.pt", exc) is not None:
         what = str(_write_failure(run_dir / "train_state.pt", exc))
     if what is None:

@@ -274,7 +274,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         start_epoch, start_step, best, counters = 0, 0, {"nme": math.inf, "epoch": -1, "source": ""}, {}
         history: list[dict[str, Any]] = []
         if resume:
-            state = load_state(run_dir, map_location=env.device)
+            state = load_state(run_dir, map_location=env.device, complete=True)
             model.load_state_dict(state["model"])
             if ema is not None and "ema" in state:
                 ema.load_state_dict(state["ema"])
