@@ -142,3 +142,14 @@ def test_predict_refuses_a_json_report_onto_an_input(tmp_path, tiny_weights, cap
     assert status != 0
     assert "is one of the inputs" in capsys.readouterr().err
     assert photo.read_bytes() == original
+
+
+def test_export_and_test_refuse_to_write_over_the_weights(tiny_weights, tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(tiny_weights.read_bytes())
+    before = weights.read_bytes()
+    assert main(["export", "--weights", str(weights), "--onnx", str(weights)]) != 0
+    assert "is the --weights file" in capsys.readouterr().err
+    assert main(["test", "--weights", str(weights), "--annot-dir", str(tmp_path), "--json", str(weights)]) != 0
+    assert "is one of the --weights files" in capsys.readouterr().err
+    assert weights.read_bytes() == before

@@ -300,6 +300,8 @@ def run_export(args: argparse.Namespace) -> int:
     """``staralign export``: write the ONNX file, check it, say how close it is."""
     from ..cli import UserError
 
+    if same_file(args.onnx, args.weights):
+        raise UserError(f"--onnx {args.onnx} is the --weights file; choose another file name")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
