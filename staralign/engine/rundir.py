@@ -27,7 +27,7 @@ from pathlib import Path
 from .._io import WriteError, _write_failure, atomic_write, is_temporary
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "RunDirError", "RunFailure", "RunLock", "holds_run", "prepare_new_run",
-           "remove_stale_temporaries", "run_failure", "truncate_metrics"]
+           "remove_stale_temporaries", "run_failure", "start_run", "truncate_metrics"]
 
 log = logging.getLogger("staralign.train")
 
@@ -160,6 +160,26 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
         log.info("removed %d temporary file(s) left by an interrupted run (%.1f MB)", len(removed),
                  size / 1e6)
     return removed
+
+
+def start_run(run_dir: Path, lock: RunLock, is_main: bool, resume: bool, changes: list[str]) -> bool:
+    """The start of a run, once logging is up: say whether a dead process's lock was taken
+    over, remove stale temporaries, log the settings a resume changes.  Returns whether there
+    is a state to resume from: a run killed before its first checkpoint starts from scratch."""
+    from .state import STATE_FILE
+
+    if is_main:
+        lock.log_takeover()
+        remove_stale_temporaries(run_dir)
+    if not resume:
+        return False
+    for line in changes:
+        log.info("resume: %s", line)
+    if not (run_dir / STATE_FILE).exists():
+        log.info("%s has no complete training state (stopped before its first checkpoint): "
+                 "starting it from scratch", run_dir)
+        return False
+    return True
 
 
 def metrics_step(record: dict, steps_per_epoch: int) -> int:
