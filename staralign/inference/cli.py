@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write, same_file
+from .._io import WriteError, atomic_write, same_file
 
 __all__ = ["register", "run_export", "run_predict"]
 
@@ -164,7 +164,9 @@ class _Predictor:
                         ok = False
                     if not ok:  # an extension OpenCV cannot write: PNG instead
                         target = self.outputs.safe(target.with_suffix(".png"))
-                        cv2.imwrite(str(target), drawn)
+                        if not cv2.imwrite(str(target), drawn):  # OpenCV says no more than that
+                            raise WriteError(target, "OpenCV could not write it (is the folder writable, "
+                                                     "the disk not full?)")
                     record["output"] = str(target)
                 records.append(record)
                 progress.update(1)
