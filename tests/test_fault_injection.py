@@ -123,6 +123,21 @@ def _train_steps(run: Path) -> list[tuple[int, float]]:
     return [(r["global_step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
+def _assert_same_run(ref_dir: Path, run: Path, log: list[str]) -> None:
+    """``run`` ended as the uninterrupted ``ref_dir`` did: weights, state and logs."""
+    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors"):
+        a, b = _weights(ref_dir / name), _weights(run / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run ({log})"
+    ref_state, state = load_state(ref_dir), load_state(run)
+    assert (state["epoch"], state["step"], state["best"]) == (ref_state["epoch"], ref_state["step"], ref_state["best"])
+    # The logs hold each step and epoch once, with the uninterrupted run's values.
+    assert _vals(run) == _vals(ref_dir)
+    assert _train_steps(run) == _train_steps(ref_dir)
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name == "run.lock")
+    assert left == [], f"left behind: {left}"
+
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     from staralign.data.synth import generate_dataset
@@ -172,6 +187,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
                 load_state(run)
             continue
         assert proc.returncode == 0, f"attempt {attempts} after {log}: {out}"
+        _assert_same_run(tmp_path / "ref", run, log)
         if kills >= KILLS:
             break
         log.append("finished before the kill")  # start over to spend the remaining kills
@@ -179,16 +195,4 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
             if p.is_file():
                 p.unlink()
 
-    ref_dir = tmp_path / "ref"
-    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors"):
-        a, b = _weights(ref_dir / name), _weights(run / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run ({log})"
-    ref_state, state = load_state(ref_dir), load_state(run)
-    assert (state["epoch"], state["step"], state["best"]) == (ref_state["epoch"], ref_state["step"], ref_state["best"])
-    # The logs hold each step and epoch once, with the uninterrupted run's values.
-    assert _vals(run) == _vals(ref_dir)
-    assert _train_steps(run) == _train_steps(ref_dir)
-    left = sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name == "run.lock")
-    assert left == [], left
     print(f"fault injection: {kills} SIGKILLs survived in {attempts} attempts: {'; '.join(log)}")
