@@ -135,13 +135,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def avoid_inputs(target: Path, inputs: set[Path], tag: str = "annotated") -> Path:
     """``target``, or ``NAME.TAG.EXT`` beside it (then ``NAME.TAG_2.EXT`` ...) when ``target``
     is one of ``inputs`` (resolved paths): an output never replaces what was read."""
-    def taken(p: Path) -> bool:
-        return p.resolve() in inputs or any(same_file(p, i) for i in inputs if p.exists())
-
-    if not taken(target):
+    if target.resolve() not in inputs:  # resolved: symlinks and ".." lead to the same path
         return target
     k, candidate = 1, target.with_name(f"{target.stem}.{tag}{target.suffix}")
-    while taken(candidate):
+    while candidate.resolve() in inputs:
         k += 1
         candidate = target.with_name(f"{target.stem}.{tag}_{k}{target.suffix}")
     return candidate

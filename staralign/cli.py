@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
+        if os.environ.get("STARALIGN_DEBUG") and exc.__cause__ is not None:
+            raise  # the traceback of what went wrong underneath, when asked for
         print(f"staralign {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

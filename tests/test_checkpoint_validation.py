@@ -110,7 +110,7 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("content", ["evil", "random", "foreign"])
+@pytest.mark.parametrize("content", ["evil", "random", "foreign", "incomplete", "other model"])
 def test_a_bad_train_state_is_one_line_on_resume(data, tmp_path, capsys, content):
     run = tmp_path / "run"
     run.mkdir()
@@ -120,8 +120,16 @@ def test_a_bad_train_state_is_one_line_on_resume(data, tmp_path, capsys, content
         torch.save({"version": 1, "model": _Evil()}, state)
     elif content == "random":
         state.write_bytes(os.urandom(2048))
-    else:
+    elif content == "foreign":
         torch.save({"version": 99}, state)
+    elif content == "incomplete":
+        torch.save({"version": 1, "model": {}}, state)
+    else:  # a complete state of another network
+        from staralign.engine.trainer import train
+
+        other = tmp_path / "other"
+        train(tiny_config(data, optim={"epochs": 1}, model={"channels": 8}, runtime={"tensorboard": False}), other)
+        (other / "train_state.pt").rename(state)
     status = main(["train", "--resume", str(run)])
     err = capsys.readouterr().err
     assert status != 0

@@ -9,6 +9,7 @@ temporary files, a metrics log ahead of the saved state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -73,9 +74,68 @@ def _vals(run: Path) -> list[tuple[int, float]]:
     return [(r["epoch"], r["nme"]) for r in records if r["kind"] == "val"]
 
 
+def _progress(run: Path) -> int:
+    """The last global step in ``run``'s metrics.jsonl (0 if none)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    steps = [0]
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a line being written
+            steps.append(int(json.loads(line).get("global_step", 0)))
+    return max(steps)
+
+
+def _starts(run: Path) -> int:
+    """How many times a process has finished setting up in ``run`` (metrics cut back by then)."""
+    try:
+        return (run / "train.log").read_text().count("training WFLW:")
+    except OSError:
+        return 0
+
+
+def _saved_step(run: Path, steps_per_epoch: int) -> int:
+    try:
+        st = load_state(run)
+    except (OSError, ValueError):
+        return 0
+    return st["epoch"] * steps_per_epoch + st["step"]
+
+
+def _kill_after_step(proc: subprocess.Popen, run: Path, step: int, extra: float, timeout: float = 300) -> bool:
+    """SIGKILL ``proc`` ``extra`` seconds after it logged global step ``step`` (whatever it is doing
+    then: the next step, a checkpoint write, validation); False if it ended first."""
+    deadline, started = time.monotonic() + timeout, _starts(run)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _starts(run) > started and _progress(run) >= step:
+            time.sleep(extra)
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _train_steps(run: Path) -> list[tuple[int, float]]:
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["global_step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def _assert_same_run(ref_dir: Path, run: Path, log: list[str]) -> None:
+    """``run`` ended as the uninterrupted ``ref_dir`` did: weights, state and logs."""
+    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors"):
+        a, b = _weights(ref_dir / name), _weights(run / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run ({log})"
+    ref_state, state = load_state(ref_dir), load_state(run)
+    assert (state["epoch"], state["step"], state["best"]) == (ref_state["epoch"], ref_state["step"], ref_state["best"])
+    # The logs hold each step and epoch once, with the uninterrupted run's values.
+    assert _vals(run) == _vals(ref_dir)
+    assert _train_steps(run) == _train_steps(ref_dir)
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name == "run.lock")
+    assert left == [], f"left behind: {left}"
 
 
 @pytest.mark.slow
@@ -92,11 +152,11 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     launcher.write_text(LAUNCHER)
     new_run = ["train", "--preset", "tiny", "--config", str(cfg_path), "--out"]
 
-    t0 = time.monotonic()
     ref = _start([*new_run, str(tmp_path / "ref")], launcher)
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out
-    duration = time.monotonic() - t0
+    steps_per_epoch = 2  # 8 faces, batches of 4
+    total_steps = cfg.optim.epochs * steps_per_epoch
 
     rng = random.Random(15)
     run = tmp_path / "killed"
@@ -105,27 +165,29 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
         attempts += 1
         assert attempts <= 3 * KILLS, f"no end in sight: {log}"
         args = ["train", "--resume", str(run)] if (run / "config.yaml").exists() else [*new_run, str(run)]
+        # A moment: after a step beyond the saved state, plus a random fraction of a second.
+        when = (rng.randint(min(_saved_step(run, steps_per_epoch) + 1, total_steps), total_steps),
+                rng.uniform(0.0, 0.6))
         if kills >= KILLS:
-            fault, delay = None, None
+            fault, when = None, None
         elif kills % 2 == 0:
-            fault, delay = (rng.randint(1, 6), ("torn", "renamed")[kills // 2 % 2]), None
+            fault, when = (rng.randint(1, 6), ("torn", "renamed")[kills // 2 % 2]), None
         else:
-            fault, delay = None, rng.uniform(0.3, 1.0) * duration
+            fault = None
         proc = _start(args, launcher, fault)
-        if delay is not None:
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
+        if when is not None:
+            _kill_after_step(proc, run, *when)
         out, _ = proc.communicate(timeout=300)
         if proc.returncode == -signal.SIGKILL:
             kills += 1
-            log.append(f"killed in write {fault[0]} ({fault[1]})" if fault else f"killed at {delay:.1f} s")
+            log.append(f"killed in write {fault[0]} ({fault[1]})" if fault else
+                       f"killed {when[1]:.2f} s after step {when[0]}")
             # Whatever the moment, what is on disk loads (or there is no state yet).
             if (run / "train_state.pt").exists():
                 load_state(run)
             continue
         assert proc.returncode == 0, f"attempt {attempts} after {log}: {out}"
+        _assert_same_run(tmp_path / "ref", run, log)
         if kills >= KILLS:
             break
         log.append("finished before the kill")  # start over to spend the remaining kills
@@ -133,16 +195,4 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
             if p.is_file():
                 p.unlink()
 
-    ref_dir = tmp_path / "ref"
-    for name in ("last.safetensors", "last_ema.safetensors", "best.safetensors"):
-        a, b = _weights(ref_dir / name), _weights(run / name)
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs from the uninterrupted run ({log})"
-    ref_state, state = load_state(ref_dir), load_state(run)
-    assert (state["epoch"], state["step"], state["best"]) == (ref_state["epoch"], ref_state["step"], ref_state["best"])
-    # The logs hold each step and epoch once, with the uninterrupted run's values.
-    assert _vals(run) == _vals(ref_dir)
-    assert _train_steps(run) == _train_steps(ref_dir)
-    left = sorted(p.name for p in run.iterdir() if p.name.startswith(".") or p.name == "run.lock")
-    assert left == [], left
     print(f"fault injection: {kills} SIGKILLs survived in {attempts} attempts: {'; '.join(log)}")

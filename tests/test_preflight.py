@@ -90,6 +90,7 @@ def test_an_image_that_breaks_mid_run_is_one_line_with_the_last_checkpoint(data,
     # The images go bad after the pre-flight looked at them (a flaky disk, a sync in progress).
     rows = (data / "train.tsv").read_text().splitlines()[1:]
     victims = [data / r.split("\t")[0] for r in rows]
+    originals = {v: v.read_bytes() for v in victims}
     checked = trainer.preflight
 
     def then_break(*a, **k):
@@ -103,6 +104,11 @@ def test_an_image_that_breaks_mid_run_is_one_line_with_the_last_checkpoint(data,
     assert status != 0
     assert "not a readable image" in line and any(str(v) in line for v in victims), line
     assert "train_state.pt (epoch 1, step 0)" in line and f"--resume {run}" in line
+    for v, content in originals.items():
+        v.write_bytes(content)
+    monkeypatch.setenv("STARALIGN_DEBUG", "1")  # the traceback, when asked for
+    with pytest.raises(Exception, match="training stopped: .*not a readable image"):
+        main(["train", "--resume", str(run), "--epochs", "2", "--workers", str(workers)])
 
 
 def test_a_full_disk_is_one_line_naming_the_file(data, tmp_path, capsys, monkeypatch):

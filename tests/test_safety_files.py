@@ -142,3 +142,27 @@ def test_predict_refuses_a_json_report_onto_an_input(tmp_path, tiny_weights, cap
     assert status != 0
     assert "is one of the inputs" in capsys.readouterr().err
     assert photo.read_bytes() == original
+
+
+def test_export_and_test_refuse_to_write_over_the_weights(tiny_weights, tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(tiny_weights.read_bytes())
+    before = weights.read_bytes()
+    assert main(["export", "--weights", str(weights), "--onnx", str(weights)]) != 0
+    assert "is the --weights file" in capsys.readouterr().err
+    assert main(["test", "--weights", str(weights), "--annot-dir", str(tmp_path), "--json", str(weights)]) != 0
+    assert "is one of the --weights files" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+
+
+def test_predict_into_a_folder_it_cannot_write_is_one_line(tmp_path, tiny_weights, capsys, monkeypatch):
+    photo = tmp_path / "p.jpg"
+    _photo(photo)
+    monkeypatch.setattr(cv2, "imwrite", lambda *a, **k: False)  # what OpenCV answers on a read-only folder
+    status = main(["predict", str(photo), "--weights", str(tiny_weights), "--box", "4,4,60,44",
+                   "--out-dir", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status != 0 and "Traceback" not in err
+    assert [x for x in err.splitlines() if "error:" in x] == [
+        f"staralign predict: error: cannot write {tmp_path / 'out' / 'p.png'}: OpenCV could not write it "
+        "(is the folder writable, the disk not full?)"]

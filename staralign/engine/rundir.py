@@ -27,7 +27,7 @@ from pathlib import Path
 from .._io import WriteError, _write_failure, atomic_write, is_temporary
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "RunDirError", "RunFailure", "RunLock", "holds_run", "prepare_new_run",
-           "remove_stale_temporaries", "run_failure", "truncate_metrics"]
+           "remove_stale_temporaries", "run_failure", "start_run", "truncate_metrics"]
 
 log = logging.getLogger("staralign.train")
 
@@ -162,6 +162,26 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def start_run(run_dir: Path, lock: RunLock, is_main: bool, resume: bool, changes: list[str]) -> bool:
+    """The start of a run, once logging is up: say whether a dead process's lock was taken
+    over, remove stale temporaries, log the settings a resume changes.  Returns whether there
+    is a state to resume from: a run killed before its first checkpoint starts from scratch."""
+    from .state import STATE_FILE
+
+    if is_main:
+        lock.log_takeover()
+        remove_stale_temporaries(run_dir)
+    if not resume:
+        return False
+    for line in changes:
+        log.info("resume: %s", line)
+    if not (run_dir / STATE_FILE).exists():
+        log.info("%s has no complete training state (stopped before its first checkpoint): "
+                 "starting it from scratch", run_dir)
+        return False
+    return True
+
+
 def metrics_step(record: dict, steps_per_epoch: int) -> int:
     """The global step a metrics.jsonl record was written at (validation: the epoch's end)."""
     if "global_step" in record:
@@ -232,6 +252,10 @@ def run_failure(exc: BaseException, run_dir: str | os.PathLike) -> RunFailure | 
         last = [x for x in str(exc).splitlines() if x.strip()][-1]
         what = last.split("ImageReadError: ", 1)[-1] + "; fix or remove that row (staralign data check lists " \
             "every problem)"
+    elif isinstance(exc, RuntimeError) and str(exc).startswith("Error(s) in loading state_dict"):
+        return RunFailure(f"{run_dir / 'train_state.pt'}: its weights do not fit the model in "
+                          f"{run_dir / 'config.yaml'} (was it copied from another run?); restore the run's own "
+                          "state or start a new run with --out")
     elif isinstance(exc, RuntimeError) and _write_failure(run_dir / "train_state.pt", exc) is not None:
         what = str(_write_failure(run_dir / "train_state.pt", exc))
     if what is None:

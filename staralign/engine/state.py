@@ -54,9 +54,11 @@ class StateError(CheckpointError):
     """``train_state.pt`` cannot be used; the message is one line naming the file."""
 
 
-def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+               complete: bool = False) -> dict[str, Any]:
     """The saved training state of a run, read through the same safe path as checkpoints
-    (``weights_only``: no code is unpickled; a foreign file is "not a training state")."""
+    (``weights_only``: no code is unpickled; a foreign file is "not a training state").
+    ``complete``: also require every entry a resume restores (with its type)."""
     from ..models.checkpoint import safe_torch_load
 
     path = Path(run_dir) / STATE_FILE
@@ -66,4 +68,13 @@ def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "c
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
         raise StateError(f"{path}: not a staralign training state (version {version!r})")
+    for key, kind in _STATE_FIELDS.items() if complete else ():
+        if not isinstance(state.get(key), kind):
+            raise StateError(f"{path}: not a complete training state (entry {key!r} is missing or "
+                             f"{type(state.get(key)).__name__}, not {kind.__name__})")
     return state
+
+
+# What ``train`` reads back from a state (checked before anything is restored).
+_STATE_FIELDS = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int, "step": int,
+                 "best": dict, "counters": dict, "rng": dict}

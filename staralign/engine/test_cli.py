@@ -200,6 +200,10 @@ def run_test(args: argparse.Namespace) -> int:
     from .report import build_summary, format_table, json_text, write_json, write_report
 
     _check_args(args)
+    from .._io import same_file
+
+    if args.json and args.json != "-" and any(same_file(args.json, w) for w in args.weights):
+        raise UserError(f"--json {args.json} is one of the --weights files; choose another file name")
     try:
         device = resolve_device(args.device)
     except (ValueError, RuntimeError) as exc:

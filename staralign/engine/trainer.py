@@ -45,8 +45,8 @@ from . import distributed as D
 from .ema import ModelEMA, default_decay
 from .preflight import preflight
 from .resume import absolute_paths, resume_config
-from .rundir import RunLock, prepare_new_run, remove_stale_temporaries, run_failure, truncate_metrics
-from .state import STATE_FILE, load_state, rng_state, save_state, set_rng_state
+from .rundir import RunLock, prepare_new_run, run_failure, start_run, truncate_metrics
+from .state import load_state, rng_state, save_state, set_rng_state
 
 log = logging.getLogger("staralign.train")
 
@@ -234,17 +234,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
                 prepare_new_run(run_dir, overwrite)
         D.barrier()
         _setup_logging(run_dir, env.is_main)
-        if env.is_main:
-            lock.log_takeover()
-            remove_stale_temporaries(run_dir)
-        resumed_run = resume
-        if resume:
-            for line in changes:
-                log.info("resume: %s", line)
-            if not (run_dir / STATE_FILE).exists():
-                log.info("%s has no complete training state (stopped before its first checkpoint): "
-                         "starting it from scratch", run_dir)
-                resume = False
+        resumed_run, resume = resume, start_run(run_dir, lock, env.is_main, resume, changes)
         torch.manual_seed(rt.seed)
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = rt.cudnn_benchmark
@@ -275,7 +265,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         start_epoch, start_step, best, counters = 0, 0, {"nme": math.inf, "epoch": -1, "source": ""}, {}
         history: list[dict[str, Any]] = []
         if resume:
-            state = load_state(run_dir, map_location=env.device)
+            state = load_state(run_dir, map_location=env.device, complete=True)
             model.load_state_dict(state["model"])
             if ema is not None and "ema" in state:
                 ema.load_state_dict(state["ema"])

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write, same_file
+from .._io import WriteError, atomic_write, same_file
 from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
 __all__ = ["register", "run_export", "run_predict"]
@@ -201,7 +201,9 @@ class _Predictor:
                         ok = False
                     if not ok:  # an extension OpenCV cannot write: PNG instead
                         target = self.outputs.safe(target.with_suffix(".png"))
-                        cv2.imwrite(str(target), drawn)
+                        if not cv2.imwrite(str(target), drawn):  # OpenCV says no more than that
+                            raise WriteError(target, "OpenCV could not write it (is the folder writable, "
+                                                     "the disk not full?)")
                     record["output"] = str(target)
                 records.append(record)
                 progress.set_postfix(last=item.path.name)
@@ -354,6 +356,8 @@ def run_export(args: argparse.Namespace) -> int:
     """``staralign export``: write the ONNX file, check it, say how close it is."""
     from ..cli import UserError
 
+    if same_file(args.onnx, args.weights):
+        raise UserError(f"--onnx {args.onnx} is the --weights file; choose another file name")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
