@@ -170,9 +170,12 @@ def run_stability(weights: str, out: str | Path, seeds: int = 3, frames: int = 6
         for name, grid in SWEEP.items():
             if name not in filters:
                 continue
-            scores = [float(np.mean([evaluate_filter(apply_filter(name, r, fps, **o), q)["all"]["nme"]
-                                     for r, q in zip(records, seqs, strict=True)])) for o in grid]
-            sweep[name] = {"grid": grid, "nme": scores, "best": grid[int(np.argmin(scores))]}
+            alls = [[evaluate_filter(apply_filter(name, r, fps, **o), q)["all"]
+                     for r, q in zip(records, seqs, strict=True)] for o in grid]
+            scores = [float(np.mean([a["nme"] for a in runs])) for runs in alls]
+            sweep[name] = {"grid": grid, "nme": scores, "best": grid[int(np.argmin(scores))],
+                           "jitter": [float(np.mean([a["jitter"] for a in runs])) for runs in alls],
+                           "lag": [float(np.mean([a["lag"] for a in runs])) for runs in alls]}
             options[name] = sweep[name]["best"]
     per_seed = [{name: evaluate_filter(apply_filter(name, r, fps, **options.get(name, {})), q) for name in filters}
                 for r, q in zip(records, seqs, strict=True)]
