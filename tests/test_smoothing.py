@@ -78,7 +78,7 @@ def test_kalman_smooths_more_along_the_ambiguous_direction():
     normal = np.array([-tangent[1], tangent[0]])
     cov = (9.0 * np.outer(tangent, tangent) + 0.25 * np.outer(normal, normal))[None]
     noise = rng.normal(size=(400, 1, 1)) * tangent * 3.0 + rng.normal(size=(400, 1, 1)) * normal * 0.5
-    out = _run(AmbiguityKalmanFilter(), noise, cov)[50:]
+    out = _run(AmbiguityKalmanFilter(motion=2.0), noise, cov)[50:]
     along, across = np.std(out @ tangent) / 3.0, np.std(out @ normal) / 0.5
     assert along < 0.8 * across
 

@@ -72,3 +72,15 @@ def test_detect_every_must_be_positive(weights, video, capsys):
     path, _ = video
     assert main(["predict", str(path), "--weights", str(weights), "--detect-every", "0"]) != 0
     assert "--detect-every" in capsys.readouterr().err
+
+
+def test_video_in_another_layout_is_tracked_in_the_model_layout(weights, video, tmp_path):
+    path, count = video
+    out = tmp_path / "out.json"
+    assert main(["predict", str(path), "--weights", str(weights), "--detector", "none", "--json", str(out),
+                 "--format", "68", "--ambiguity"]) == 0
+    frames = json.loads(out.read_text())["inputs"][0]["frames"]
+    assert len(frames) == count
+    faces = [f for fr in frames for f in fr["faces"]]
+    assert faces and all(f["layout"] == "300W" and len(f["landmarks"]) == 68 for f in faces)
+    assert all(len(f["ambiguity"]["major_std"]) == 68 for f in faces)

@@ -182,6 +182,15 @@ def test_page_uploads_draws_and_downloads(server, browser, tmp_path):
         page.wait_for_function("() => document.body.dataset.state === 'done' && "
                                "document.getElementById('status').textContent.startsWith('webcam.jpg: 1 face')",
                                timeout=20_000)
+        # Live mode: frames go to api/track under the page's stream id and come back with track ids.
+        page.select_option("#smooth", "oneeuro")
+        page.set_checked("#live", True)
+        page.wait_for_function("() => document.getElementById('json').textContent.includes('\"track_id\"')",
+                               timeout=30_000)
+        live = json.loads(page.text_content("#json"))
+        page.set_checked("#live", False)
+        assert live["smooth"] == "oneeuro" and live["stream"].startswith("cam")
+        assert [type(f["track_id"]) for f in live["inputs"][0]["faces"]] == [int]
         page.click("#camera-stop")
 
         # A file the server refuses: the page shows its message.

@@ -42,8 +42,8 @@ __all__ = [
 SMOOTHERS = ("none", "oneeuro", "ambiguity")
 
 # Chosen with ``staralign experiment stability`` on the demo model (docs/experiments.md).
-DEFAULT_MOTION = 2.0
-DEFAULT_MIN_CUTOFF = 1.0  # Hz
+DEFAULT_MOTION = 30.0
+DEFAULT_MIN_CUTOFF = 4.0  # Hz
 DEFAULT_BETA = 2.0  # per (face size / s)
 
 

@@ -101,7 +101,6 @@ class _Track:
     spreads: list[float] = field(default_factory=list)  # the first REFERENCE_FRAMES spreads
     anchored: bool = True  # this frame's crop box is a detection's (dataset-style) box
     framing: tuple[float, float, float] = (1.0, 0.0, 0.0)  # detection box vs landmark box: side ratio, shift
-    last: Face | None = field(default=None, repr=False)
 
 
 class FaceTracker:
@@ -212,7 +211,6 @@ class FaceTracker:
         out = []
         for tr, face, spread, was_detected in alive:
             tr.age += 1
-            tr.last = face
             tr.box = _crop_box(face.landmarks, tr.framing)
             unit = face.scale * geometry.FACE_SIZE
             cov = None if face.ambiguity is None else face.ambiguity.covariance
