@@ -11,8 +11,9 @@ as its demo runs it: PyTorch eager, float32, NCHW, PyTorch's default thread coun
 (``torch_fp32_original``).  Every round runs each path for ``--iters`` calls, one
 path after the other, and records the load average; the ratio to the baseline is
 taken within each round (the same load) and its median over rounds reported.
-Each ONNX path runs with the thread count staralign resolves (``--threads``
-overrides) and also on one thread.  Input: one synthetic face crop.
+Each ONNX path runs as staralign runs it (:class:`OnnxBackend`: the thread count
+it resolves, ``--threads`` overrides, no spin-waiting) and also on one thread;
+PyTorch bf16 likewise.  Input: one synthetic face crop.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
 
     from staralign.bench_weights import network_gflop
     from staralign.config import ModelConfig
+    from staralign.inference.onnx_backend import OnnxBackend
     from staralign.inference.quantize import synthetic_crops
     from staralign.models import build_model, load_model
     from staralign.models.speed import make_inference_fn
@@ -78,7 +80,8 @@ def main() -> None:
         def bf16():
             with torch.inference_mode():
                 bf16_fn(x)
-        paths[f"torch_bf16_cl_{choice.threads}thread"] = (choice.threads, bf16)
+        for t in sorted({choice.threads, 1}):
+            paths[f"torch_bf16_cl_{t}thread"] = (t, bf16)
     gflops = {}
     for spec in args.onnx:
         name, file = spec.split("=", 1)
@@ -86,11 +89,9 @@ def main() -> None:
                           .get_modelmeta().custom_metadata_map["staralign"])
         stacks = meta.get("stacks")
         for t in sorted({choice.threads, 1}):
-            o = ort.SessionOptions()
-            o.intra_op_num_threads = t
-            s = ort.InferenceSession(file, o, providers=["CPUExecutionProvider"])
+            backend = OnnxBackend(file, threads=t)  # staralign's session settings (no spinning)
             key = f"onnx_{name}_{t}thread"
-            paths[key] = (0, lambda s=s: s.run(["landmarks"], {"images": x_np}))
+            paths[key] = (0, lambda b=backend: b.run(x_np, ambiguity=False))
             gflops[key] = network_gflop(model.config, model.definition, stacks)
 
     for _, warm in paths.values():  # warm-up
@@ -106,6 +107,7 @@ def main() -> None:
                 fn()
             samples[name].append((time.perf_counter() - t0) * 1000 / args.iters)
     base = samples["torch_fp32_original"]
+    one = samples["torch_fp32_1thread"]
     out = {"machine": os.uname().nodename, "cpus": choice, "torch_default_threads": default_threads,
            "load_average_per_round": loads, "rounds": args.rounds, "iters": args.iters,
            "model": {"weights": args.weights or "random paper-size", "nstack": model.config.nstack,
@@ -115,6 +117,8 @@ def main() -> None:
         out["paths"][name] = {
             "ms_median": statistics.median(ms), "ms_min": min(ms), "ms_max": max(ms),
             "speedup_vs_original_median": statistics.median(b / m for b, m in zip(base, ms, strict=True)),
+            "speedup_vs_torch_fp32_1thread_median": statistics.median(b / m for b, m in zip(one, ms, strict=True)),
+            "ms_per_round": ms,
             "gflop_per_image": g, "gflop_per_s_at_min": g * 1000 / min(ms) if g else None}
     text = json.dumps(out, indent=1)
     print(text)

@@ -316,7 +316,8 @@ def bench_infer(args) -> dict:
         "model": {**to_dict(config), "parameters": sum(p.numel() for p in model.parameters())},
         "input_shape": list(shape),
         "batch_size": args.batch_size,
-        "options": {**speed_paths, "stacks": args.stacks},
+        "options": speed_paths,
+        "stacks": args.stacks,  # early exit (None: all stacks)
     }
     result.update(device_info(device))
     timing = {"iters": args.iters, "repeats": args.repeats, "warmup": args.warmup}

@@ -82,7 +82,7 @@ def bench_weights(args) -> dict:
         quant = backend.quantization
         result.update({"runtime": "onnxruntime", "providers": backend.session.get_providers(),
                        "precision": "int8" if quant else "fp32", "quantization": quant,
-                       "ort_threads": backend.threads})
+                       "ort_threads": backend.threads, "ort_spinning": backend.spin})
         # session.run returns when the outputs are on the host: wall-clock timing is right on any provider.
         clock = torch.device("cpu")
         for b in batches:

@@ -127,10 +127,12 @@ def resolve_threads(requested: int | None = None, *, cgroup_root: str | os.PathL
 
 
 def apply_torch_threads(requested: int | None = None) -> ThreadChoice:
-    """Resolve the count and set torch's intra-op pool to it; returns the choice."""
+    """Set torch's intra-op pool: to ``requested``, else capped at the CPUs this process may use
+    (a lower count set earlier, by the user or a test, stays); returns the resolved choice."""
     import torch
 
     choice = resolve_threads(requested)
-    if torch.get_num_threads() != choice.threads:
+    current = torch.get_num_threads()
+    if requested is not None and current != choice.threads or requested is None and current > choice.threads:
         torch.set_num_threads(choice.threads)
     return choice

@@ -348,3 +348,30 @@ def test_bf16_cpu_path_of_the_detector_stays_close_to_fp32(tmp_path):
     assert bf16.dtype == np.float32 and cov is not None
     # bf16 keeps ~3 significant digits; a random tiny net moves landmarks by a few 1e-2 at most.
     assert 0 < np.abs(bf16 - fp32).max() < 0.1
+
+
+@pytest_onnx
+def test_int8_calibration_folder_and_bad_folder(int8_export, tmp_path, capsys):
+    import cv2
+
+    from staralign.inference.onnx_backend import OnnxBackend
+
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i, c in enumerate(faces_input(5)):
+        cv2.imwrite(str(crops / f"{i}.png"), ((c.numpy().transpose(1, 2, 0) * 127.5) + 127.5).round()
+                    .astype(np.uint8))
+    out = tmp_path / "cal.onnx"
+    rc, text = run_cli(["export", "--weights", str(int8_export["weights"]), "--onnx", str(out),
+                        "--exporter", "torchscript", "--quantize", "int8", "--calibration", str(crops)])
+    assert rc == 0, text
+    q = OnnxBackend(out).quantization
+    assert q["calibration_crops"] == 4 and q["held_out_crops"] == 1 and str(crops) in q["calibration"]
+    assert q["nme_fp32"] is None  # no labels for a folder of crops: only the bound
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--weights", str(int8_export["weights"]), "--onnx", str(tmp_path / "x.onnx"),
+                 "--exporter", "torchscript", "--quantize", "int8", "--calibration", str(empty)]) != 0
+    err = capsys.readouterr().err
+    assert "found 0 readable image(s)" in err and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -378,6 +378,7 @@ def run_export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--stacks: {exc}") from exc
     quantize = getattr(args, "quantize", None)
+    crops = _calibration_crops(args, model) if quantize else None  # a bad --calibration fails before exporting
     out = Path(args.onnx)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="staralign-export-") as tmp:
@@ -400,14 +401,14 @@ def run_export(args: argparse.Namespace) -> int:
         if not report.passed:
             return 1
         if quantize:
-            _quantize(args, model, fp32_path, out)
+            _quantize(args, fp32_path, out, *crops)
     return 0
 
 
-def _quantize(args: argparse.Namespace, model: Any, fp32_path: Path, out: Path) -> None:
-    """``export --quantize int8``: calibrate, quantise, check on held-out crops, say what it cost."""
+def _calibration_crops(args: argparse.Namespace, model: Any) -> tuple[Any, Any, Any, str]:
+    """Calibration crops, held-out crops, their exact labels (or None) and a description."""
     from ..cli import UserError
-    from .quantize import quantize_onnx, synthetic_crops
+    from .quantize import synthetic_crops
 
     size = int(model.config.input_size)
     synthetic_labels = model.definition.name.upper() == "WFLW" and model.definition.num_points == 98
@@ -426,6 +427,15 @@ def _quantize(args: argparse.Namespace, model: Any, fp32_path: Path, out: Path) 
         held_out, exact = synthetic_crops(HELD_OUT_CROPS, size, seed=1)
         labels = exact if synthetic_labels else None
         source = f"synthetic faces (staralign.data.synth), {CALIBRATION_CROPS} calibration + {HELD_OUT_CROPS} held out"
+    return calibration, held_out, labels, source
+
+
+def _quantize(args: argparse.Namespace, fp32_path: Path, out: Path, calibration: Any, held_out: Any,
+              labels: Any, source: str) -> None:
+    """``export --quantize int8``: quantise, check on the held-out crops, say what it cost."""
+    from ..cli import UserError
+    from .quantize import quantize_onnx
+
     try:
         q = quantize_onnx(fp32_path, out, calibration, held_out, labels=labels, calibration_source=source,
                           quant_format=args.quant_format, keep_heads_fp32=args.keep_heads_fp32,

@@ -26,7 +26,8 @@ class TorchBackend:
                  amp: str | None = None, channels_last: bool = False, threads: int | None = None) -> None:
         """``stacks``: early exit at the K-th stack; ``amp`` ("bf16", "fp16") with ``channels_last``: the
         speed paths of :mod:`staralign.models.speed`; ``threads``: torch's intra-op threads on a CPU
-        (default: the cores this process may use, :func:`staralign.threads.resolve_threads`)."""
+        (default: torch's own count, capped at the CPUs this process may use,
+        :func:`staralign.threads.resolve_threads`; the setting is process-wide)."""
         from ..threads import apply_torch_threads
 
         self.device = resolve_device(device)
@@ -36,7 +37,9 @@ class TorchBackend:
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.threads = apply_torch_threads(threads).threads if self.device.type == "cpu" else None
+        if self.device.type == "cpu":
+            apply_torch_threads(threads)
+        self.threads = torch.get_num_threads() if self.device.type == "cpu" else None
         self.definition: LandmarkDefinition = model.definition
         self.input_size: int = int(model.config.input_size)
         self.conversions: dict[str, np.ndarray] = {}  # none stored: the data package has them
