@@ -54,17 +54,21 @@ class BlobNetwork:
     conversions: dict = {}
 
     def run(self, batch, ambiguity=True):
+        # A crop with no blob gets what a real network gives for a crop without a face:
+        # finite points (a small circle at the centre) with wide heatmaps (large covariance).
         s = self.input_size
-        points = np.full((len(batch), 98, 2), np.nan, np.float32)
+        points = np.broadcast_to(0.2 * np.stack([np.cos(ANGLES), np.sin(ANGLES)], 1), (len(batch), 98, 2))
+        points = points.astype(np.float32)
+        cov = np.broadcast_to(np.eye(2, dtype=np.float32) * 0.02 ** 2, (len(batch), 98, 2, 2)).copy()
         for i, crop in enumerate(batch):
             image = np.clip(np.transpose(crop, (1, 2, 0)) * 127.5 + 127.5, 0, 255).astype(np.uint8)
             found = _blobs(image)
             if not found:
+                cov[i] = np.eye(2, dtype=np.float32) * 0.5 ** 2
                 continue
             c, r = min(found, key=lambda b: np.hypot(*(b[0] - (s - 1) / 2)))
             pts = c + SPAN * r * np.stack([np.cos(ANGLES), np.sin(ANGLES)], 1)
             points[i] = (2 * pts + 1) / s - 1
-        cov = np.broadcast_to(np.eye(2, dtype=np.float32) * 0.02 ** 2, (len(batch), 98, 2, 2)).copy()
         return points, cov
 
 

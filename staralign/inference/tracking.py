@@ -205,7 +205,9 @@ class FaceTracker:
                 tr.spreads.append(spread)
             reference = float(np.median(tr.spreads))
             tr.uncertain = tr.uncertain + 1 if not spread <= self.spread_ratio * reference else 0
-            if tr.uncertain > self.max_missed or not np.isfinite(face.landmarks).all():
+            # Ends: uncertain for too long, or uncertain while the detector no longer finds it
+            # (the network and the detector agree the face is gone: not reported once more).
+            if tr.uncertain > self.max_missed or (tr.uncertain and tr.missed):
                 continue
             if tr.uncertain:
                 self._detect_next = True
