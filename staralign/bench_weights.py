@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench import device_info, resolve_device, time_fn
+from .timing import device_info, resolve_device, time_fn
 
 __all__ = ["bench_weights", "network_gflop"]
 

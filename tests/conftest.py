@@ -62,3 +62,15 @@ def yunet_cached() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(source.read_bytes())
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_wflw_weights(tmp_path_factory):
+    """A tiny WFLW network (1 stack, 32 channels, 64 px, seed 0) saved as safetensors: the
+    model the web, video and CLI tests run (read-only)."""
+    from staralign.config import ModelConfig
+    from staralign.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")

@@ -7,19 +7,14 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from staralign.cli import main
-from staralign.config import ModelConfig
 from staralign.data.synth.sequence import synth_sequence
-from staralign.models import build_model, save_model
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def weights(tiny_wflw_weights):
+    return tiny_wflw_weights
 
 
 @pytest.fixture(scope="module")

@@ -50,10 +50,8 @@ HAS_HAAR = hasattr(cv2, "CascadeClassifier")
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def weights(tiny_wflw_weights):
+    return tiny_wflw_weights
 
 
 @pytest.fixture(scope="module")

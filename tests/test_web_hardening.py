@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'staralign[web]')")
 
@@ -28,11 +27,9 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2; the test clien
     from fastapi.testclient import TestClient  # noqa: E402
 
 from staralign.cli import main  # noqa: E402
-from staralign.config import ModelConfig  # noqa: E402
 from staralign.data.synth import render_face  # noqa: E402
 from staralign.inference import LandmarkDetector  # noqa: E402
 from staralign.inference.batching import BatchingBackend, BatchQueueFull, MicroBatcher  # noqa: E402
-from staralign.models import build_model, save_model  # noqa: E402
 from staralign.web.app import create_app  # noqa: E402
 from staralign.web.cli import bind_socket  # noqa: E402
 from staralign.web.guard import Guard, GuardSettings, normalise_origin  # noqa: E402
@@ -40,10 +37,8 @@ from staralign.web.server import ServerSettings, make_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+def weights(tiny_wflw_weights):
+    return tiny_wflw_weights
 
 
 @pytest.fixture(scope="module")
