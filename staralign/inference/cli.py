@@ -195,15 +195,16 @@ class _Predictor:
                 target = self.outputs.path_for(item.relative)
                 if target is not None:
                     drawn = self.draw(image, faces)
-                    try:
-                        ok = cv2.imwrite(str(target), drawn)
+                    try:  # encoded in memory, then written atomically like every other output
+                        ok, encoded = cv2.imencode(target.suffix, drawn)
                     except cv2.error:
                         ok = False
                     if not ok:  # an extension OpenCV cannot write: PNG instead
                         target = self.outputs.safe(target.with_suffix(".png"))
-                        if not cv2.imwrite(str(target), drawn):  # OpenCV says no more than that
-                            raise WriteError(target, "OpenCV could not write it (is the folder writable, "
-                                                     "the disk not full?)")
+                        ok, encoded = cv2.imencode(".png", drawn)
+                        if not ok:
+                            raise WriteError(target, "OpenCV could not encode the annotated image")
+                    atomic_write(target, encoded.tobytes())
                     record["output"] = str(target)
                 records.append(record)
                 progress.set_postfix(last=item.path.name)
