@@ -21,7 +21,7 @@ from staralign.experiments.demo import (
     plan_demo,
     prepare_out,
     run_demo,
-    threads_for_load,
+    thread_candidates,
     verdict,
 )
 
@@ -214,10 +214,11 @@ def test_demo_ending_mid_epoch_still_evaluates_and_reports(tmp_path, capsys):
 
 
 def test_demo_uses_the_cores_other_work_leaves_free():
-    assert threads_for_load(2, 0.2, 2) == 2  # idle
-    assert threads_for_load(2, 1.0, 2) == 1  # one core busy
-    assert threads_for_load(2, 16.0, 2) == 1  # never fewer than one
-    assert threads_for_load(8, 2.0, 16) == 8  # never more than torch's own choice
+    assert thread_candidates(2, 0.2, 2) == [1, 2]  # idle: both timed, the faster kept
+    assert thread_candidates(2, 1.0, 2) == [1, 2]  # one core busy (or a lagging load average): measured
+    assert thread_candidates(2, 16.0, 2) == [1]  # a busy machine: the larger count is not even tried
+    assert thread_candidates(1, 0.0, 2) == [1]
+    assert thread_candidates(8, 2.0, 16) == [1, 8]  # never more than torch's own choice
 
 
 def test_demo_ends_with_a_model_and_a_report_when_the_budget_is_spent_early(tmp_path, capsys):
@@ -233,3 +234,24 @@ def test_demo_ends_with_a_model_and_a_report_when_the_budget_is_spent_early(tmp_
     assert "training at least one step (this overruns --minutes 2" in out
     assert result.weights == "best.safetensors" and (tmp_path / "report" / "demo.json").exists()
     assert "did NOT beat" in out or result.beat_baseline
+
+
+def test_the_probe_keeps_the_faster_thread_count(tmp_path):
+    import torch
+
+    from staralign.experiments.common import tiny_config
+    from staralign.experiments.demo import measure_machine
+
+    now = [0.0]
+
+    def clock() -> float:  # a machine where two threads take ten times as long as one
+        now[0] += 1.0 if torch.get_num_threads() == 2 else 0.1
+        return now[0]
+
+    config = tiny_config(tmp_path / "data", 0, "cpu", 0, SMALL)
+    before = torch.get_num_threads()
+    try:
+        measured = measure_machine(config, "cpu", tmp_path, clock, [1, 2])
+        assert measured.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

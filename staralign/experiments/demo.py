@@ -25,7 +25,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,12 +161,14 @@ def plan_demo(available_s: float, m: Measurement, train: int | None, test: int, 
     return Plan(n, t, e, scaled, steps(n), cost(n, t, e), shrunk)
 
 
-def threads_for_load(default: int, load: float, cores: int) -> int:
-    """Torch threads for a machine with ``load`` (1-minute load average) on ``cores``: the cores
-    other work leaves free, at least one.  On a busy machine more threads than free cores are far
-    slower, not faster: measured here, a step of the tiny preset took 41 s with 2 threads and
-    2.5 s with 1 while other work kept the 2-core VM at load 16 (the threads wait on each other)."""
-    return max(1, min(default, int(cores - load + 0.5)))
+def thread_candidates(default: int, load: float, cores: int) -> list[int]:
+    """Torch thread counts the probe times on a machine with ``load`` (1-minute load average)
+    on ``cores``; the faster one is used.  One thread always; torch's own count too while the
+    load leaves a core's worth of room, since the load average lags (it still counts the
+    ``pip install`` that ``make demo`` ran a moment before).  On a machine kept busy the
+    larger count is not tried at all: measured here, a step of the tiny preset took 41 s with
+    2 threads and 2.5 s with 1 while other work kept the 2-core VM at load 16."""
+    return [1] if default <= 1 or load > cores - 0.5 else [1, default]
 
 
 def machine_load() -> tuple[float, int]:
@@ -183,10 +185,12 @@ def machine_load() -> tuple[float, int]:
         return 0.0, cores
 
 
-def measure_machine(config, device: str, workdir: Path, clock: Callable[[], float] = time.monotonic) -> Measurement:
+def measure_machine(config, device: str, workdir: Path, clock: Callable[[], float] = time.monotonic,
+                    threads: Sequence[int] = ()) -> Measurement:
     """Time drawing ``PROBE_FACES`` faces and ``PROBE_STEPS`` training steps of ``config``'s model
     (after a warm-up step; ``PROBE_BATCH`` faces a step, scaled to the preset's batch) on random
-    crops, with targets built as the loader builds them."""
+    crops, with targets built as the loader builds them.  With several torch ``threads`` counts,
+    the steps are timed at each and the fastest count is kept (set, and in the result)."""
     import torch
 
     from ..data.synth import generate_dataset
@@ -225,12 +229,19 @@ def measure_machine(config, device: str, workdir: Path, clock: Callable[[], floa
         train_step(model, model, criterion, optimizer, scaler, ema, images, landmarks, *maps,
                    grad_clip=config.optim.grad_clip)
 
+    def seconds_per_step(count: int) -> float:
+        torch.set_num_threads(count)
+        step()  # warm-up: allocations, first-call costs (at this thread count)
+        t = clock()
+        for _ in range(PROBE_STEPS):
+            step()
+        return (clock() - t) / PROBE_STEPS
+
     model.train()
-    step()  # warm-up: allocations, first-call costs
-    t = clock()
-    for _ in range(PROBE_STEPS):
-        step()
-    train_s = (clock() - t) / PROBE_STEPS * config.optim.batch_size / b
+    timed = {n: seconds_per_step(n) for n in (threads or [torch.get_num_threads()])}
+    fastest = min(timed, key=timed.__getitem__)
+    torch.set_num_threads(fastest)
+    train_s = timed[fastest] * config.optim.batch_size / b
     model.eval()
     t = clock()
     with torch.no_grad():
@@ -378,14 +389,14 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     data_dir, run_dir, report_dir = out / "data", out / "run", out / "report"
     seconds: dict[str, float] = {}
     load, cores = machine_load()
-    torch.set_num_threads(threads_for_load(torch.get_num_threads(), load, cores))
-    say(f"[1/5] measuring this machine (load {load:.1f} on {cores} cores: "
-        f"{_plural(torch.get_num_threads(), 'torch thread')}; a few faces drawn, a few training steps)")
+    candidates = thread_candidates(torch.get_num_threads(), load, cores)
+    say(f"[1/5] measuring this machine (load {load:.1f} on {cores} cores; a few faces drawn, a few training "
+        f"steps with {' and '.join(map(str, candidates))} torch thread{'s' if candidates != [1] else ''})")
     base_config = tiny_config(data_dir, workers, device, seed, overrides)
     probe_dir = out / ".probe"
     probe_dir.mkdir(exist_ok=True)
     try:
-        measured = measure_machine(base_config, device, probe_dir, clock)
+        measured = measure_machine(base_config, device, probe_dir, clock, candidates)
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
     seconds["measure"] = clock() - t0
@@ -394,7 +405,8 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     full = plan_demo(math.inf, measured, train, test, base_config.optim.epochs,
                      list(base_config.optim.milestones), base_config.optim.batch_size)
     needed = (full.estimate["total"] + seconds["measure"]) / 60
-    say(f"      {measured.train_step:.2f} s per training step, {1000 * measured.draw_face:.0f} ms per face drawn: "
+    say(f"      {measured.train_step:.2f} s per training step ({_plural(measured.threads, 'torch thread')}), "
+        f"{1000 * measured.draw_face:.0f} ms per face drawn: "
         f"planned {plan.train} training faces, {plan.test} test faces, {_plural(plan.epochs, 'epoch')} "
         f"(about {plan.estimate['total'] / 60:.1f} min)" + (f"; smaller than the default to fit: {plan.shrunk}"
                                                            if plan.shrunk else "")
