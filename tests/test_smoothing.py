@@ -136,3 +136,29 @@ def test_filters_keep_shapes_and_restart_on_a_new_point_count():
         make_filter("median")
     with pytest.raises(ValueError, match="motion"):
         AmbiguityKalmanFilter(motion=0)
+
+
+def test_the_stability_experiment_runs_end_to_end_and_resumes_from_its_records(tiny_wflw_weights, tmp_path):
+    """`staralign experiment stability` on a tiny model and two short videos: every filter and
+    landmark group gets finite NME and jitter; a second run reads the recorded sequences."""
+    import json
+
+    from staralign.cli import main
+    from staralign.experiments.stability import FILTERS, GROUPS
+
+    out = tmp_path / "stability"
+    args = ["experiment", "stability", "--weights", str(tiny_wflw_weights), "--out", str(out), "--seeds", "2",
+            "--frames", "8", "--size", "96", "--detect-every", "4"]
+    assert main(args) == 0
+    result = json.loads((out / "stability.json").read_text())
+    assert result["seeds"] == [0, 1] and set(result["summary"]) == set(FILTERS)
+    for name in FILTERS:
+        assert set(result["summary"][name]) == set(GROUPS)
+        for metric in ("nme", "jitter"):
+            assert np.isfinite(result["summary"][name]["all"][metric]["mean"]), (name, metric)
+    records = sorted(p.name for p in out.glob("seed_*.npz"))
+    assert len(records) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed_*.npz")}
+    assert main(args) == 0  # the recorded sequences are read again, not re-recorded
+    assert {p: p.stat().st_mtime_ns for p in out.glob("seed_*.npz")} == stamps
+    assert "| ambiguity | all |" in (out / "stability.md").read_text()

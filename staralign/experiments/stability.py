@@ -51,7 +51,7 @@ SWEEP: dict[str, list[dict[str, float]]] = {
 def record_sequence(detector: Any, seq: Any, detect_every: int) -> dict[str, np.ndarray]:
     """Unfiltered landmarks (T, N, 2), covariances (T, N, 2, 2), face sizes (T,) and track ids (T,)
     of the sequence's face (NaN / -1 where no track)."""
-    from ..data.converters import _landmark_box as landmark_box
+    from ..crop import landmark_box
     from ..inference.tracking import FaceTracker, box_iou
 
     t_count, n = seq.landmarks.shape[:2]
@@ -186,8 +186,11 @@ def run_stability(weights: str, out: str | Path, seeds: int = 3, frames: int = 6
             summary[name][group] = {}
             for metric in ("nme", "jitter", "lag"):
                 vals = np.array([s[name][group][metric] for s in per_seed], np.float64)
-                summary[name][group][metric] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)),
-                                                "seeds": vals.tolist()}
+                known = vals[np.isfinite(vals)]  # lag is undefined on videos too short to have fast motion
+                summary[name][group][metric] = {
+                    "mean": float(known.mean()) if known.size else None,
+                    "std": float(known.std()) if known.size else None,
+                    "seeds": [float(v) if np.isfinite(v) else None for v in vals]}
     result = {"weights": str(weights), "seeds": list(range(first_seed, first_seed + seeds)), "frames": frames,
               "size": size, "fps": fps, "detect_every": detect_every, "label_noise": label_noise,
               "ref_face_px": REF_FACE, "filter_options": options, "sweep": sweep, "summary": summary,
@@ -206,9 +209,10 @@ def format_table(result: dict[str, Any]) -> str:
              f"jitter in px at a {result['ref_face_px']:g}-px face box; lag in frames (fast quarter of frames); "
              f"filter settings: {opts}.", "",
              "| filter | group | NME % | jitter px | lag frames |", "|---|---|---|---|---|"]
+    def cell(m: dict[str, Any]) -> str:
+        return "-" if m["mean"] is None else f"{m['mean']:.2f} ± {m['std']:.2f}"
+
     for name, groups in result["summary"].items():
         for group, m in groups.items():
-            lines.append(f"| {name} | {group} | {m['nme']['mean']:.2f} ± {m['nme']['std']:.2f} | "
-                         f"{m['jitter']['mean']:.2f} ± {m['jitter']['std']:.2f} | "
-                         f"{m['lag']['mean']:.2f} ± {m['lag']['std']:.2f} |")
+            lines.append(f"| {name} | {group} | {cell(m['nme'])} | {cell(m['jitter'])} | {cell(m['lag'])} |")
     return "\n".join(lines) + "\n"
