@@ -782,7 +782,7 @@ def _video_args(p) -> None:
     p.add_argument("--frames", type=int, default=60, help="synthetic video frames (one moving face)")
     p.add_argument("--size", type=int, default=480, help="frame size in pixels (square)")
     p.add_argument("--detect-every", type=int, default=10, metavar="N", help="tracking: detector every N frames")
-    p.add_argument("--detector", default="opencv", help="face detector (opencv, dlib, mediapipe)")
+    p.add_argument("--detector", default="yunet", help="face detector (yunet, opencv, dlib, mediapipe)")
     p.add_argument("--smooth", default="ambiguity", help="temporal filter: none, oneeuro, ambiguity")
     p.add_argument("--repeats", type=int, default=2, help="passes per mode; the fastest counts")
 

@@ -44,6 +44,7 @@ __all__ = [
     "PIXEL_SCALE",
     "box_to_crop",
     "compose_rotate_scale",
+    "crop_to_box",
     "crop_matrix",
     "denormalize_points",
     "landmark_box",
@@ -62,6 +63,13 @@ def box_to_crop(x1: float, y1: float, x2: float, y2: float) -> tuple[float, tupl
     """Face box corners -> (scale, (center_w, center_h)) as the authors define them."""
     scale = min(x2 - x1, y2 - y1) / FACE_SIZE * BOX_MARGIN
     return float(scale), (float((x1 + x2) / 2.0), float((y1 + y2) / 2.0))
+
+
+def crop_to_box(scale: float, center: tuple[float, float] | np.ndarray) -> tuple[float, float, float, float]:
+    """The square face box that :func:`box_to_crop` turns into (``scale``, ``center``)."""
+    half = float(scale) * FACE_SIZE / BOX_MARGIN / 2.0
+    cx, cy = float(center[0]), float(center[1])
+    return cx - half, cy - half, cx + half, cy + half
 
 
 def landmark_box(landmarks: np.ndarray) -> tuple[float, float, float, float]:

@@ -79,3 +79,23 @@ def test_video_in_another_layout_is_tracked_in_the_model_layout(weights, video, 
     faces = [f for fr in frames for f in fr["faces"]]
     assert faces and all(f["layout"] == "300W" and len(f["landmarks"]) == 68 for f in faces)
     assert all(len(f["ambiguity"]["major_std"]) == 68 for f in faces)
+
+
+@pytest.mark.parametrize("detect_every", ["1", "3"])
+def test_video_with_the_default_yunet_detector(weights, tmp_path, yunet_cached, detect_every):
+    """YuNet's detections carry five keypoints and a keypoint framing: the tracker takes them (it
+    once unpacked only (box, score) and the default video path crashed)."""
+    path = tmp_path / "faces.avi"
+    seq = synth_sequence(5, frames=6, size=256)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (256, 256))
+    for frame in seq.frames:
+        writer.write(frame)
+    writer.release()
+    out = tmp_path / "out.json"
+    assert main(["predict", str(path), "--weights", str(weights), "--json", str(out),
+                 "--detect-every", detect_every]) == 0
+    record = json.loads(out.read_text())["inputs"][0]
+    assert record["frame_count"] == len(record["frames"]) == 6
+    faces = [f for frame in record["frames"] for f in frame["faces"]]
+    assert faces and {f["track_id"] for f in faces} == {0}  # YuNet finds the synthetic face; one track
+    assert json.loads(out.read_text())["detector"] == "yunet"
