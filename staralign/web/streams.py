@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,18 +29,19 @@ from ..inference.smoothing import SMOOTHERS
 from ..inference.video import DEFAULT_SMOOTH
 from .uploads import ApiError, read_upload
 
-if TYPE_CHECKING:
-    from .app import LandmarkService
-
 __all__ = ["StreamTrackers", "add_track_route"]
 
 STREAM_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class StreamTrackers:
-    """One tracker per live stream, created on its first frame (or when its options change)."""
+    """One tracker per live stream, created on its first frame (or when its options change).
 
-    def __init__(self, service: LandmarkService, max_streams: int = 8, idle_seconds: float = 60.0) -> None:
+    ``service`` is the app's :class:`~staralign.web.app.LandmarkService` (its batched
+    ``detector``, ``decode`` and ``weights_name``); not imported here, so the app module,
+    which adds this route, and this one do not import each other."""
+
+    def __init__(self, service: Any, max_streams: int = 8, idle_seconds: float = 60.0) -> None:
         self.service, self.max_streams, self.idle_seconds = service, int(max_streams), float(idle_seconds)
         # stream -> (tracker, its lock: one frame of a stream at a time, options, last used)
         self._trackers: OrderedDict[str, tuple[Any, threading.Lock, tuple[str, str], float]] = OrderedDict()
@@ -84,7 +85,7 @@ class StreamTrackers:
         return report, {"decode": t1 - t0, "wait": t2 - t1, "inference": t3 - t2}
 
 
-def add_track_route(app: FastAPI, service: LandmarkService) -> StreamTrackers:
+def add_track_route(app: FastAPI, service: Any) -> StreamTrackers:
     """Add ``POST /api/track`` to the app (see the module docstring)."""
     streams = StreamTrackers(service)
 
