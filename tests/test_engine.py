@@ -125,6 +125,7 @@ def _cli_args(cfg_path: Path, out: Path) -> list[str]:
     return ["train", "--preset", "tiny", "--config", str(cfg_path), "--out", str(out)]
 
 
+@pytest.mark.slow  # subprocess training runs killed and resumed: ~13 s on the 2-core VM
 def test_kill_and_resume_matches_uninterrupted_run(synth_data, tmp_path):
     cfg = tiny_config(synth_data, optim={"epochs": 2}, runtime={"save_every_steps": 1, "tensorboard": False})
     cfg_path = tmp_path / "cfg.yaml"
@@ -174,6 +175,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two gloo processes and a single-process run: ~9 s on the 2-core VM
 def test_ddp_two_processes_equal_single_process_on_same_global_batch(synth_data, tmp_path):
     # SGD: its update is linear in the gradient, so float-order noise stays small.  (Adam
     # turns the ~1e-9 gradients of conv biases that feed BatchNorm -- zero in exact
