@@ -63,6 +63,7 @@ def test_every_data_problem_is_listed_before_the_first_step(data, tmp_path, caps
     assert "gone.jpg: no such file" in err
     assert f"{corrupt}:" in err
     assert "training WFLW" not in err, "the problems were found only after training started"
+    assert "--skip-bad-rows" in err  # row problems: skipping them is an option
     assert not (run / "train_state.pt").exists() and not (run / "config.yaml").exists()
     # Nothing was left that makes the next attempt refuse the folder.
     (data / "train.tsv").write_text("\n".join([header, *lines[1:]]) + "\n")
@@ -77,6 +78,14 @@ def test_zero_rows_is_a_clear_error(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert status != 0 and "Traceback" not in err
     assert "no usable rows" in err and "batch-size" not in err
+
+
+def test_a_missing_annotation_file_is_listed_without_the_skip_rows_hint(data, tmp_path, capsys):
+    (data / "test.tsv").unlink()
+    status = _train(data, tmp_path, "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert status != 0 and "Traceback" not in err
+    assert "test.tsv' not found" in err and "--skip-bad-rows" not in err  # no row to skip
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -113,7 +113,8 @@ def preflight(config: TrainConfig, definition: LandmarkDefinition) -> None:
         more = f"\n  ... and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         hint = " ".join(f"staralign data check {f} --image-dir {dc.image_dir or '.'}" for f in files[:1])
         raise PreflightError(f"the training data has {len(problems)} problem(s); nothing was trained:\n{shown}{more}\n"
-                             "fix them (or pass --skip-bad-rows to skip malformed rows)"
+                             + ("fix them (or pass --skip-bad-rows to skip malformed rows)"
+                                if any(p.line for p in problems) else "fix them")
                              + (f"; `{hint}` checks a file in full" if hint else ""))
     log.info("data checked: %s, every image present, %d decoded", ", ".join(counts),
              min(DECODE_SAMPLE * len(counts), sum(int(c.split()[1]) for c in counts)))
