@@ -74,3 +74,16 @@ def tiny_wflw_weights(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
     return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def nan_wflw_weights(tmp_path_factory):
+    """The tiny WFLW network with every parameter NaN (a diverged run), as ``diverged.safetensors``."""
+    from staralign.config import ModelConfig
+    from staralign.models import build_model, save_model
+
+    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    return save_model(model, tmp_path_factory.mktemp("nan_model") / "diverged.safetensors")

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from staralign import crop
-from staralign.config import ModelConfig
 from staralign.data.converters import box_to_crop as converter_box_to_crop
 from staralign.data.synth import render_face
 from staralign.definitions import get_definition
@@ -30,7 +29,6 @@ from staralign.inference.faces import (
     get_face_detector,
     keypoint_frame,
 )
-from staralign.models import build_model, save_model
 
 from .conftest import REFERENCE_DIR
 
@@ -274,27 +272,17 @@ def test_a_bad_explicit_yunet_file_is_an_error(tmp_path):
 # --------------------------------------------------------------------------- sanity of outputs
 
 
-def test_nan_weights_raise_an_error_naming_the_file(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    path = save_model(model, tmp_path / "diverged.safetensors")
+def test_nan_weights_raise_an_error_naming_the_file(nan_wflw_weights):
+    path = nan_wflw_weights
     det = LandmarkDetector.from_checkpoint(path, device="cpu", detector="none")
     with pytest.raises(ModelOutputError, match=r"diverged\.safetensors: the model's output is not finite"):
         det.detect(np.zeros((64, 64, 3), np.uint8))
 
 
-def test_predict_with_nan_weights_is_a_one_line_error(tmp_path, capsys):
+def test_predict_with_nan_weights_is_a_one_line_error(tmp_path, capsys, nan_wflw_weights):
     from staralign.cli import main
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    path = save_model(model, tmp_path / "diverged.safetensors")
+    path = nan_wflw_weights
     image = tmp_path / "face.png"
     cv2.imwrite(str(image), render_face(np.random.default_rng(0), 96)[0])
     out = tmp_path / "out.json"

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the web extra is not installed (pip install 'staralign[web]')")
 
@@ -33,12 +32,10 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2; the test clien
     from fastapi.testclient import TestClient  # noqa: E402
 
 from staralign.cli import build_parser, main  # noqa: E402
-from staralign.config import ModelConfig  # noqa: E402
 from staralign.data import images as data_images  # noqa: E402
 from staralign.data.synth import render_face  # noqa: E402
 from staralign.definitions import get_definition  # noqa: E402
 from staralign.inference import LandmarkDetector  # noqa: E402
-from staralign.models import build_model, save_model  # noqa: E402
 from staralign.web import images as web_images  # noqa: E402
 from staralign.web.app import STATIC_DIR, InfoResponse, LandmarksResponse, Limits, create_app  # noqa: E402
 from staralign.web.cli import is_loopback  # noqa: E402
@@ -214,19 +211,14 @@ def test_no_face_is_an_empty_list_not_an_error(weights):
             assert r.json()["inputs"][0]["faces"] == [] and r.json()["detector"] == "opencv"
 
 
-def test_nan_weights_are_an_error_naming_the_file_not_null_landmarks(tmp_path):
+def test_nan_weights_are_an_error_naming_the_file_not_null_landmarks(nan_wflw_weights):
     # A broken (NaN) model is an error that names its file, never a face with null landmarks.
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(nstack=1, channels=32, input_size=64, nlevels=2), "WFLW").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    path = save_model(model, tmp_path / "broken.safetensors")
+    path = nan_wflw_weights
     det = LandmarkDetector.from_checkpoint(path, device="cpu", detector="none")
     with TestClient(create_app(det, weights_name=path.name)) as c:
         r = post_file(c, face_png(0)[0])
     assert r.status_code == 500 and r.json()["error"] == "model_output_not_finite"
-    assert "broken.safetensors" in r.json()["message"] and "not finite" in r.json()["message"]
+    assert "diverged.safetensors" in r.json()["message"] and "not finite" in r.json()["message"]
 
 
 def test_the_face_detector_can_be_chosen_per_image(client):
