@@ -173,3 +173,23 @@ def test_predict_into_a_folder_it_cannot_write_is_one_line(tmp_path, tiny_weight
     assert line.startswith(f"staralign predict: error: cannot write {tmp_path / 'out' / 'p.jpg'}: ")
     assert "read-only" in line
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the annotated copy is written atomically
+
+
+def test_export_by_model_name_refuses_the_cached_file_and_has_no_traceback(tmp_path, capsys, monkeypatch):
+    """--weights given as a name (or left out) is resolved before the output check: an --onnx onto
+    the cached file is refused, and an existing --onnx is no crash (it once compared with None)."""
+    from staralign.hub import cached_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STARALIGN_CACHE", str(cache))
+    cached = cached_path("wflw")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"not really weights")
+    assert main(["export", "--onnx", str(cached)]) != 0
+    err = capsys.readouterr().err
+    assert "is the --weights file" in err and "Traceback" not in err
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"an earlier export")
+    assert main(["export", "--onnx", str(existing)]) != 0  # the cached file is no checkpoint: one line
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err

@@ -239,7 +239,8 @@ class _Predictor:
         from ..progress import progress
         from .video import tracker_from_args
 
-        bar = progress(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None, f"predict {item.path.name}", "frame")
+        frames_said = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # -1 or 0 where the container does not say
+        bar = progress(frames_said if frames_said > 0 else None, f"predict {item.path.name}", "frame")
         tracker = tracker_from_args(self.det, self.args, self.boxes)  # one per video: ids start at 0
         try:
             while True:
@@ -356,7 +357,9 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """``staralign export``: write the ONNX file, check it, say how close it is."""
     from ..cli import UserError
+    from ..hub import resolve_weights
 
+    args.weights = str(resolve_weights(args.weights))  # a name is its cached file: compared below
     if same_file(args.onnx, args.weights):
         raise UserError(f"--onnx {args.onnx} is the --weights file; choose another file name")
     try:
@@ -364,11 +367,9 @@ def run_export(args: argparse.Namespace) -> int:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
         raise UserError(f"ONNX export needs onnx and onnxruntime: pip install 'staralign[onnx]' ({exc})") from exc
-    from ..hub import resolve_weights
     from ..models import load_model
     from .export import DEFAULT_OPSET, export_onnx
 
-    args.weights = str(resolve_weights(args.weights))
     try:
         model = load_model(args.weights, ema=args.ema, allow_pickle=args.allow_pickle)
     except ValueError as exc:  # CheckpointError, DefinitionError
