@@ -88,6 +88,13 @@ def test_out_on_an_existing_run_refuses_unless_overwrite(data, tmp_path, capsys)
     assert status != 0
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
     assert {n: (run / n).read_bytes() for n in before} == before, "the finished run was touched"
+    # --overwrite with data that cannot train: refused by the data check, the old run untouched.
+    bad = tmp_path / "no-data"
+    bad.mkdir()
+    assert _cli_train(tiny_config(bad, optim={"epochs": 1}, runtime={"tensorboard": False}), tmp_path,
+                      "--out", str(run), "--overwrite") != 0
+    assert "nothing was trained" in capsys.readouterr().err
+    assert {n: (run / n).read_bytes() for n in before} == before, "--overwrite cleared a run it could not replace"
     # --overwrite replaces it: the old run's logs are gone, not appended to.
     assert _cli_train(_cfg(data, seed=9), tmp_path, "--out", str(run), "--overwrite") == 0
     assert [v["epoch"] for v in _records(run, "val")] == [1]

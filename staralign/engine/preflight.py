@@ -89,9 +89,10 @@ def check_file(path: Path, image_dir: str, definition: LandmarkDefinition, skip_
     return problems, len(rows)
 
 
-def preflight(config: TrainConfig, definition: LandmarkDefinition) -> None:
+def preflight(config: TrainConfig, definition: LandmarkDefinition) -> str:
     """Raise :class:`PreflightError` listing every problem found in the run's data (see the
-    module docstring); log one line when all is well."""
+    module docstring); return the one line to log when all is well (the trainer checks before
+    it touches the run folder, so before its log exists)."""
     from ..data.dataset import find_annotation_file
 
     dc = config.data
@@ -116,5 +117,5 @@ def preflight(config: TrainConfig, definition: LandmarkDefinition) -> None:
                              + ("fix them (or pass --skip-bad-rows to skip malformed rows)"
                                 if any(p.line for p in problems) else "fix them")
                              + (f"; `{hint}` checks a file in full" if hint else ""))
-    log.info("data checked: %s, every image present, %d decoded", ", ".join(counts),
-             min(DECODE_SAMPLE * len(counts), sum(int(c.split()[1]) for c in counts)))
+    decoded = min(DECODE_SAMPLE * len(counts), sum(int(c.split()[1]) for c in counts))
+    return f"data checked: {', '.join(counts)}, every image present, {decoded} decoded"

@@ -228,6 +228,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     lock = RunLock(run_dir)
     anomaly_before = torch.is_anomaly_enabled()
     try:
+        definition = get_definition(config.model.definition)
+        # The data first: a run that cannot start must not have cleared the folder it would use.
+        checked = preflight(config, definition)
         if env.is_main:
             lock.acquire()
             if not resume:
@@ -240,8 +243,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             torch.backends.cudnn.benchmark = rt.cudnn_benchmark
         torch.autograd.set_detect_anomaly(rt.detect_anomaly)  # restored in finally: no mode left behind
 
-        definition = get_definition(config.model.definition)
-        preflight(config, definition)
+        log.info("%s", checked)
         if env.is_main and (not resume or changes):
             save_yaml(config, run_dir / "config.yaml")
         train_ds, _, train_loader, val_loader, sampler = build_loaders(config, definition, env)
