@@ -466,6 +466,11 @@ def test_a_budget_that_ends_mid_epoch_still_validates_and_saves(synth_data, tmp_
     state = state_mod.load_state(run)
     assert (state["epoch"], state["step"]) == (0, 1)  # resumes inside the epoch, schedule not stepped
     assert state["scheduler"]["last_epoch"] == 0
+    # Resumed with no budget, the epoch finishes and is recorded once (the partial record goes).
+    cfg.runtime.time_budget_minutes = 0
+    result = train(cfg, run, resume=True)
+    assert [h["epoch"] for h in result.history] == list(range(1, cfg.optim.epochs + 1))
+    assert not any(h.get("partial_steps") for h in result.history)
 
 
 def test_training_leaves_anomaly_detection_as_it_found_it(synth_data, tmp_path):

@@ -277,6 +277,9 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
             scaler.load_state_dict(state["scaler"])
             start_epoch, start_step = state["epoch"], state["step"]
             best, counters, history = state["best"], state["counters"], state.get("history", [])
+            # A budget stop's partial-epoch record: the resumed epoch records itself when it ends
+            # (as metrics.jsonl is cut back to the resumed step).
+            history = [h for h in history if not h.get("partial_steps")]
             set_rng_state(state["rng"])
             log.info("resumed %s at epoch %d step %d", run_dir, start_epoch, start_step)
 
