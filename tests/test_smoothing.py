@@ -162,3 +162,7 @@ def test_the_stability_experiment_runs_end_to_end_and_resumes_from_its_records(t
     assert main(args) == 0  # the recorded sequences are read again, not re-recorded
     assert {p: p.stat().st_mtime_ns for p in out.glob("seed_*.npz")} == stamps
     assert "| ambiguity | all |" in (out / "stability.md").read_text()
+    other = tmp_path / "other.safetensors"  # another model into the same folder records its own
+    other.write_bytes(tiny_wflw_weights.read_bytes())
+    assert main([*args[:3], str(other), *args[4:]]) == 0
+    assert len(list(out.glob("seed_*.npz"))) == 4 and not list(out.glob("*.tmp*"))

@@ -140,7 +140,9 @@ def run_stability(weights: str, out: str | Path, seeds: int = 3, frames: int = 6
     ``filter_options``: per filter name, options for ``make_filter`` (default: its defaults);
     ``do_sweep``: try every setting in :data:`SWEEP` and use the best (lowest NME) instead.
     """
-    from .._io import atomic_write
+    import hashlib
+
+    from .._io import atomic_path, atomic_write
     from ..data.synth.sequence import synth_sequence
     from ..inference.detector import LandmarkDetector
 
@@ -150,18 +152,21 @@ def run_stability(weights: str, out: str | Path, seeds: int = 3, frames: int = 6
     if det.definition.num_points != 98:
         raise ValueError(f"{weights}: the stability experiment needs a 98-point (WFLW) model, "
                          f"got {det.definition.num_points} points")
+    info = Path(weights).resolve().stat()
+    model_tag = hashlib.sha256(f"{Path(weights).resolve()}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()[:10]
     seqs, records = [], []
     for seed in range(first_seed, first_seed + seeds):
         seq = synth_sequence(seed, frames=frames, size=size, fps=fps, label_noise=label_noise)
-        cache = out / f"seed_{seed}_{frames}f_{size}px_every{detect_every}.npz"
+        # The record holds this model's predictions: its name carries the weights' fingerprint, so
+        # another model run into the same folder records its own instead of reading these.
+        cache = out / f"seed_{seed}_{frames}f_{size}px_every{detect_every}_{model_tag}.npz"
         if cache.is_file():
             with np.load(cache) as z:
                 record = {k: z[k] for k in z.files}
         else:
             record = record_sequence(det, seq, detect_every)
-            tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, **record)
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp, open(tmp, "wb") as fh:  # a file object: savez adds no suffix
+                np.savez(fh, **record)
         seqs.append(seq)
         records.append(record)
     options = dict(filter_options or {})
