@@ -58,3 +58,31 @@ def test_bad_stream_and_smooth_are_422(client):
     assert _post(client, 0, stream="bad id!").status_code == 422
     r = _post(client, 0, smooth="median")
     assert r.status_code == 422 and r.json()["error"] == "bad_smooth"
+
+
+def test_a_nan_or_infinite_time_is_422_not_a_frozen_stream(client):
+    for bad in ("nan", "inf"):
+        r = client.post("/api/track", params={"stream": "cam9", "t": bad}, content=_png(0),
+                        headers={"Content-Type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_time", r.text
+
+
+@pytest.mark.parametrize("route", ["/api/landmarks", "/api/track?stream=s1"])
+def test_model_failures_are_the_same_answers_on_both_routes(route, nan_wflw_weights):
+    """Both routes go through LandmarkService.admitted: a full queue is 503 busy with
+    retry-after, a broken model 500 naming its weights (the track route once gave 500
+    internal_error for both)."""
+    from staralign.inference.batching import BatchQueueFull
+
+    det = LandmarkDetector.from_checkpoint(nan_wflw_weights, device="cpu", detector="none")
+    with TestClient(create_app(det, weights_name=nan_wflw_weights.name)) as c:
+        r = c.post(route, content=_png(0), headers={"Content-Type": "image/png"})
+        assert r.status_code == 500 and r.json()["error"] == "model_output_not_finite", r.text
+        assert "diverged.safetensors" in r.json()["message"]
+
+        def full(*_a, **_k):
+            raise BatchQueueFull("queue full")
+
+        c.app.state.service.batching.batcher.run = full
+        r = c.post(route, content=_png(0), headers={"Content-Type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"] == "1", r.text

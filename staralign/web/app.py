@@ -312,8 +312,7 @@ class LandmarkService:
         waiting for the model stay within the budget however many requests queue.
         """
         t0 = time.perf_counter()
-        _, width, height = self.check(data)
-        with self.batching.batcher.expecting(), self._reserve_pixels(width * height):
+        with self.admitted(data):
             t1 = time.perf_counter()
             image = self.decode(data)
             if box is not None:
@@ -321,6 +320,15 @@ class LandmarkService:
             t2 = time.perf_counter()
             report, wait, infer = self.predict(image, name, ambiguity, fmt, box, face_detector)
         return report, {"decode": t2 - t1, "wait": wait + (t1 - t0), "inference": infer}
+
+    @contextlib.contextmanager
+    def admitted(self, data: bytes) -> Iterator[None]:
+        """One upload's way to the model, for every route that runs it: its header checked, its
+        pixels reserved from the budget until the model is done with it, the batching queue
+        told a request is coming, and the model's errors as API errors (:func:`model_errors`)."""
+        _, width, height = self.check(data)
+        with model_errors(), self.batching.batcher.expecting(), self._reserve_pixels(width * height):
+            yield
 
     @contextlib.contextmanager
     def _reserve_pixels(self, pixels: int) -> Iterator[None]:
@@ -342,22 +350,16 @@ class LandmarkService:
         """The ``staralign predict`` report for one image; returns (report, wait s, inference s).
 
         ``face_detector``: a name from :data:`WEB_DETECTORS` for this image (None: the server's)."""
-        from ..inference.batching import BatchQueueFull
-        from ..inference.detector import ModelOutputError
         from ..inference.faces import FaceDetectorError
         from ..inference.report import report_header
 
         t1 = time.perf_counter()
         try:
             used = self.face_detector(face_detector)
-            faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity, detector=used)
         except FaceDetectorError as exc:
             raise ApiError(422, "bad_detector", f"detector={face_detector!r} is unavailable: {exc}") from None
-        except ModelOutputError as exc:
-            raise ApiError(500, "model_output_not_finite", str(exc)) from None
-        except BatchQueueFull:
-            raise ApiError(503, "busy", "the model has too much work queued; try again in a moment",
-                           headers={"retry-after": "1"}) from None
+        with model_errors():
+            faces = self.detector.detect(image, box=box, format=fmt, ambiguity=ambiguity, detector=used)
         t2 = time.perf_counter()
         record = {"path": name, "type": "image", "width": int(image.shape[1]), "height": int(image.shape[0]),
                   "faces": [f.to_dict(ambiguity=ambiguity) for f in faces]}
@@ -365,6 +367,22 @@ class LandmarkService:
                                   face_detector=used),
                   "inputs": [record], "errors": []}
         return report, 0.0, t2 - t1
+
+
+@contextlib.contextmanager
+def model_errors() -> Iterator[None]:
+    """The model's failures as API errors: a full batching queue is 503 ``busy`` (retry), a
+    network whose output is not finite 500 ``model_output_not_finite`` naming its weights."""
+    from ..inference.batching import BatchQueueFull
+    from ..inference.detector import ModelOutputError
+
+    try:
+        yield
+    except ModelOutputError as exc:
+        raise ApiError(500, "model_output_not_finite", str(exc)) from None
+    except BatchQueueFull:
+        raise ApiError(503, "busy", "the model has too much work queued; try again in a moment",
+                       headers={"retry-after": "1"}) from None
 
 
 def check_box_fits(box: tuple[float, float, float, float], width: int, height: int) -> None:

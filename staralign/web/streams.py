@@ -15,6 +15,7 @@ the filtered covariance as the face's ambiguity), plus ``stream`` and ``smooth``
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -71,13 +72,14 @@ class StreamTrackers:
 
         service = self.service
         t0 = time.perf_counter()
-        image = service.decode(data)
-        t1 = time.perf_counter()
-        tracker, lock = self._tracker(stream, smooth, fmt)
-        with lock:  # frames of other streams run meanwhile; their crops share the batching queue
-            t2 = time.perf_counter()
-            tracked = tracker.step(image, t=t)
-            t3 = time.perf_counter()
+        with service.admitted(data):  # the same checks, pixel budget and error answers as /api/landmarks
+            image = service.decode(data)
+            t1 = time.perf_counter()
+            tracker, lock = self._tracker(stream, smooth, fmt)
+            with lock:  # frames of other streams run meanwhile; their crops share the batching queue
+                t2 = time.perf_counter()
+                tracked = tracker.step(image, t=t)
+                t3 = time.perf_counter()
         record = {"path": name, "type": "image", "width": int(image.shape[1]), "height": int(image.shape[0]),
                   "faces": [f.to_dict(ambiguity=ambiguity) for f in tracked]}
         report = {**report_header(service.detector, service.weights_name, format=fmt), "inputs": [record],
@@ -103,6 +105,8 @@ def add_track_route(app: FastAPI, service: Any) -> StreamTrackers:
     ) -> Response:
         """The ``/api/landmarks`` answer for a frame of a live stream, with ``track_id`` on every face."""
         start = time.perf_counter()
+        if t is not None and not math.isfinite(t):  # a NaN or infinite time would freeze the filters
+            raise ApiError(422, "bad_time", f"t={t}: the frame's time must be a finite number of seconds")
         if smooth not in SMOOTHERS:
             raise ApiError(422, "bad_smooth", f"smooth={smooth!r}; choose from {', '.join(SMOOTHERS)}")
         if format not in service.layouts:
