@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +51,14 @@ def bench_weights(args) -> dict:
     """Time ``args.weights`` at batch 1 and ``args.batch_size`` on ``args.device``."""
     import torch
 
+    from .cli import UserError
     from .config import ModelConfig, from_dict, to_dict
+    from .hub import resolve_weights
 
-    path = Path(args.weights)
-    if not path.is_file():
-        raise SystemExit(f"staralign bench infer: --weights {path}: no such file")
+    try:
+        path = resolve_weights(args.weights)  # a file, or a published model's name (fetched once)
+    except UserError as exc:
+        raise SystemExit(f"staralign bench infer: --weights: {exc}") from None
     device = resolve_device(args.device)
     batches = sorted({1, int(args.batch_size)})
     timing = {"iters": args.iters, "repeats": args.repeats, "warmup": args.warmup}

@@ -89,9 +89,9 @@ def run_models(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     """``staralign models download``: fetch and verify each named file into the cache."""
     from .cli import UserError
-    from .hub import FILES, fetch
+    from .hub import DEFAULT_MODEL, FILES, fetch
 
-    names = [n.strip().lower() for n in args.names] or ["wflw", "yunet"]
+    names = [n.strip().lower() for n in args.names] or [DEFAULT_MODEL, "yunet"]
     if "all" in names:
         names = list(FILES)
     unknown = [n for n in names if n not in FILES]

@@ -212,8 +212,9 @@ class LandmarkDetector:
         return cls(backend, detector=detector, format=format, batch_size=batch_size, weights=str(path))
 
     @classmethod
-    def from_pretrained(cls, name: str = "wflw", **kwargs: Any) -> LandmarkDetector:
-        """From a published model's name (``"wflw"``, ``"300w"``, ``"cofw"``) or a weights path.
+    def from_pretrained(cls, name: str | None = None, **kwargs: Any) -> LandmarkDetector:
+        """From a published model's name (``"wflw"``, ``"300w"``, ``"cofw"``; None: the hub's default,
+        ``"wflw"``) or a weights path.
 
         The authors' file is downloaded into the cache on first use and verified
         (see :mod:`staralign.hub` and ``staralign models``); later calls read the cached
