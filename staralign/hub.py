@@ -393,8 +393,14 @@ def _copy(src: IO[bytes], out: IO[bytes], total: int | None, label: str, progres
 
 
 def _progress(total: int | None, label: str) -> Callable[..., None]:
-    """A progress reporter on stderr: tqdm on a terminal, plain lines every few seconds otherwise."""
-    if sys.stderr.isatty():
+    """A progress reporter on stderr in bytes: tqdm or plain lines every few seconds, chosen as
+    every progress display is (:func:`staralign.progress.mode_for`, ``STARALIGN_PROGRESS``)."""
+    from .progress import mode_for
+
+    mode = mode_for(sys.stderr)
+    if mode == "off":
+        return lambda n, done=False: None
+    if mode == "bar":
         try:
             from tqdm import tqdm
         except ImportError:

@@ -215,6 +215,14 @@ def test_download_reports_progress_with_bytes_and_rate(server, online, monkeypat
     assert "downloaded face_detection_yunet_2026may.onnx: 224.4 KiB of 224.4 KiB at" in err and "/s" in err
 
 
+def test_download_progress_follows_staralign_progress(server, online, monkeypatch, capsys, tmp_path):
+    server.serve_file(YUNET.filename, yunet_bytes())
+    monkeypatch.setenv("STARALIGN_MIRROR", server.url)
+    monkeypatch.setenv("STARALIGN_PROGRESS", "off")  # as for every other progress display
+    hub.fetch("yunet")
+    assert "download" not in capsys.readouterr().err
+
+
 def test_truncated_download_leaves_nothing_that_looks_complete(server, online, monkeypatch, official_wflw):
     server.serve_file(WFLW.filename, official_wflw, **{"X-Cut": str(len(official_wflw) // 2)})
     monkeypatch.setenv("STARALIGN_MIRROR", server.url)
