@@ -41,19 +41,14 @@ CENTRE_TOLERANCE = 0.5
 def _read_image_info(path: Path) -> tuple[tuple[int, int] | None, str, str]:
     """((height, width) or None, content hash, error message).  The size in the header is
     checked before decoding (as ``predict`` does): a decompression bomb is refused, not decoded."""
-    from .images import HeaderError, ImageReadError, check_size, decode_image, header_size, read_image_bytes
+    from .images import ImageReadError, decode_checked, read_image_bytes
 
     try:
         data = read_image_bytes(path)
         digest = hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
-        size = header_size(data)
-        if size is not None:
-            check_size(*size, path)
-        image = decode_image(data, path)
+        image = decode_checked(data, path)
     except ImageReadError as exc:
         return None, "", exc.reason
-    except HeaderError as exc:
-        return None, "", f"corrupt image: {exc}"
     return (int(image.shape[0]), int(image.shape[1])), digest, ""
 
 

@@ -3,12 +3,14 @@
 Also the size of a JPEG, PNG, BMP or WebP file from its header (pure Python, no
 decoder: :func:`header_size`) and one size check (:func:`check_size`), so a
 decompression bomb (a few kilobytes claiming gigapixels) is refused before a
-decoder allocates anything.  ``staralign predict`` and ``staralign serve`` both
-use them, with their own limits.
+decoder allocates anything.  :func:`decode_checked` is that guard for files (``predict``,
+the training pre-flight, ``staralign data check``); ``staralign serve`` uses the same pieces
+with its own limits and HTTP answers.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -23,6 +25,7 @@ __all__ = [
     "ImageReadError",
     "check_size",
     "decode_image",
+    "decode_checked",
     "header_size",
     "image_size",
     "read_image",
@@ -110,6 +113,53 @@ def check_size(width: int, height: int, name: str | os.PathLike = "<array>", *, 
         raise ImageReadError(
             name, f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels) is too large to process "
                   f"(limits: {max_pixels / 1e6:g} megapixels, {max_side} pixels a side); resize it first")
+
+
+def decode_checked(data: np.ndarray, path: str | os.PathLike = "<bytes>", source: str = "",
+                   line: int = 0) -> np.ndarray:
+    """Encoded bytes -> HxWx3 uint8 BGR, the size checked BEFORE decoding and again after.
+
+    The one guard against decompression bombs, shared by ``predict``, the training pre-flight
+    and ``staralign data check``: the size comes from the header (JPEG, PNG, BMP and WebP in
+    pure Python; other types through Pillow's header parser where Pillow is installed), so an
+    image claiming billions of pixels is refused without being decoded.  A corrupt header, an
+    undecodable file or one over the limits raises :class:`ImageReadError` naming ``path``.
+    """
+    try:
+        size = header_size(data)
+    except HeaderError as exc:
+        raise ImageReadError(path, f"not a readable image: {exc}", source, line) from None
+    if size is None:
+        size = _pillow_size(data, path)
+    if size is not None:
+        check_size(*size, name=path)
+    image = decode_image(data, path, source, line)
+    check_size(image.shape[1], image.shape[0], name=path)
+    return image
+
+
+def _pillow_size(data: np.ndarray, path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) via Pillow's header parsing, for types :func:`header_size` does not read;
+    None without Pillow or for a file Pillow does not know (OpenCV may still read it).
+
+    Pillow's global bomb limit is left alone: past it, Pillow refuses to say the size, so the
+    file is refused here, as over that limit.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageReadError(
+            path, f"more than {limit / 1e6:g} megapixels (Pillow's decompression-bomb limit) is too large to "
+                  f"process (limits: {MAX_PIXELS / 1e6:g} megapixels, {MAX_SIDE} pixels a side); "
+                  "resize it first") from None
+    except Exception:  # not an image Pillow knows
+        return None
 
 
 # --------------------------------------------------------------------------- sizes from headers

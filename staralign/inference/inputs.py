@@ -9,7 +9,6 @@ before it is decoded.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,11 +20,9 @@ import numpy as np
 from ..data.images import (
     MAX_PIXELS,
     MAX_SIDE,
-    HeaderError,
     ImageReadError,
     check_size,
-    decode_image,
-    header_size,
+    decode_checked,
     read_image_bytes,
     to_bgr8,
 )
@@ -49,48 +46,13 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", "
                               ".wmv", ".flv", ".3gp", ".ogv"})
 
 
-def _pillow_size(data: np.ndarray, path: Path) -> tuple[int, int] | None:
-    """(width, height) via Pillow's header parsing, for types :func:`header_size` does not read;
-    None without Pillow or for a file Pillow does not know (OpenCV may still read it).
-
-    Pillow's global bomb limit is left alone: past it, Pillow refuses to say the size, so the
-    file is refused here, as over that limit.
-    """
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return int(im.size[0]), int(im.size[1])
-    except Image.DecompressionBombError:
-        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise ImageReadError(
-            path, f"more than {limit / 1e6:g} megapixels (Pillow's decompression-bomb limit) is too large to "
-                  f"process (limits: {MAX_PIXELS / 1e6:g} megapixels, {MAX_SIDE} pixels a side); "
-                  "resize it first") from None
-    except Exception:  # not an image Pillow knows
-        return None
-
-
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """HxWx3 uint8 BGR of an image file; :class:`ImageReadError` (naming the file) if unusable.
 
     The file is read once; its size comes from the header and is checked before decoding.
     """
     p = Path(path)
-    data = read_image_bytes(p)
-    try:
-        size = header_size(data)
-    except HeaderError as exc:
-        raise ImageReadError(p, f"not a readable image: {exc}") from None
-    if size is None:
-        size = _pillow_size(data, p)
-    if size is not None:
-        check_size(*size, name=p)
-    image = decode_image(data, p)
-    check_size(image.shape[1], image.shape[0], name=p)
-    return image
+    return decode_checked(read_image_bytes(p), p)
 
 
 def _from_pil(image: Any) -> np.ndarray:
