@@ -14,7 +14,7 @@ from staralign.cli import main
 from staralign.data.annotations import WFLW_TAGS, read_annotations, write_annotations
 from staralign.engine.evaluator import load_test_set
 from staralign.engine.report import plot_ced
-from staralign.engine.test_cli import run_labels
+from staralign.engine.evaluate_cli import run_labels
 from staralign.models import save_model
 
 from .conftest import reference_path
