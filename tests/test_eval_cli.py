@@ -12,9 +12,9 @@ import pytest
 
 from staralign.cli import main
 from staralign.data.annotations import WFLW_TAGS, read_annotations, write_annotations
-from staralign.engine.evaluator import load_test_set
-from staralign.engine.report import plot_ced
+from staralign.data.testsets import load_test_set
 from staralign.engine.evaluate_cli import run_labels
+from staralign.engine.report import plot_ced
 from staralign.models import save_model
 
 from .conftest import reference_path
@@ -234,7 +234,7 @@ def test_test_command_choices_match_the_evaluator():
     import sys
 
     from staralign.cli import build_parser
-    from staralign.engine.evaluator import SPACES
+    from staralign.engine.scoring import SPACES
     from staralign.metrics import NORMS
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["test"]

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from ..config import AMP_MODES
     from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
-    # --norm and --space spell out metrics.NORMS and evaluator.SPACES (a test keeps them equal):
+    # --norm and --space spell out metrics.NORMS and scoring.SPACES (a test keeps them equal):
     # importing those modules would load torch for every command's --help.
     p = subparsers.add_parser(
         "test", help="evaluate checkpoints on a test set: NME / FR / AUC per subset, CED plots",
@@ -168,7 +168,7 @@ def _resolve_definition(args: argparse.Namespace):
 def _load_test_set(args: argparse.Namespace, definition):
     from ..cli import UserError
     from ..data.annotations import AnnotationError, resolve_image_path
-    from .evaluator import load_test_set
+    from ..data.testsets import load_test_set
 
     try:
         test_set = load_test_set(definition, args.annot_dir, args.image_dir, args.test_file)
