@@ -46,7 +46,7 @@ def _key(image: torch.Tensor) -> str:
 
 
 def _mirror(landmarks: torch.Tensor, definition) -> torch.Tensor:
-    """Landmarks of the mirrored crop, written out here (not the evaluator's flip_landmarks)."""
+    """Landmarks of the mirrored crop, written out here (not the evaluator's flip_normalized_landmarks_torch)."""
     perm = list(range(definition.num_points))
     for a, b in definition.flip_pairs:
         perm[a], perm[b] = b, a

@@ -43,7 +43,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_nme",
     "evaluate_nmes",
-    "flip_landmarks",
+    "flip_normalized_landmarks_torch",
     "make_loader",
     "predict",
     "predict_batch",
@@ -56,8 +56,10 @@ __all__ = [
 CPU_MICRO_BATCH = 16
 
 
-def flip_landmarks(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
-    """Landmarks predicted on a horizontally mirrored crop, mapped back to the crop.
+def flip_normalized_landmarks_torch(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
+    """Landmarks (..., N, 2) predicted on a horizontally mirrored crop, in normalised crop
+    coordinates, mapped back to the crop (the image-pixel numpy flip is
+    :func:`staralign.data.transforms.flip_pixel_landmarks_np`).
 
     In normalised align-corners=False coordinates a mirror is exactly ``x -> -x``;
     the flip pairs then swap left and right points.
@@ -92,7 +94,7 @@ def predict_batch(
         pred = _forward(model, images, kwargs, micro_batch)
         if flip_test:
             mirrored = _forward(model, torch.flip(images, dims=[-1]), kwargs, micro_batch)
-            pred = 0.5 * (pred + flip_landmarks(mirrored, definition))
+            pred = 0.5 * (pred + flip_normalized_landmarks_torch(mirrored, definition))
     return pred
 
 
