@@ -30,8 +30,7 @@ from torch import nn
 
 from ..data.testsets import TestSet
 from ..data.transforms import network_input
-from ..definitions import LandmarkDefinition
-from ..metrics import NORMS
+from ..definitions import NORMS, LandmarkDefinition
 from ..metrics import nme as nme_fn
 from ..models.speed import autocast
 from . import distributed as D

@@ -11,6 +11,9 @@ matrices that take them back to the photo.  Two spaces, the two ways the origina
 
 :func:`score` turns per-face NMEs into the full set's and every subset's
 :func:`~staralign.metrics.summarize` (what the table and the JSON hold).
+
+Only numpy is imported at the top: the ``test`` command's parser takes :data:`SPACES`
+from here, and ``staralign --help`` must not load torch (:mod:`staralign.metrics` does).
 """
 
 from __future__ import annotations
