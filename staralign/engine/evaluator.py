@@ -33,7 +33,7 @@ from ..data.transforms import network_input
 from ..definitions import NORMS, LandmarkDefinition
 from ..metrics import nme as nme_fn
 from ..models.speed import autocast
-from . import distributed as D
+from .distributed import all_gather_objects
 from .scoring import SPACES, EvalResult, Predictions, errors_in_space
 
 __all__ = [
@@ -161,7 +161,7 @@ def predict(
         np.concatenate(mats) if mats else np.zeros((0, 3, 3)),
         paths,
     )
-    parts = D.all_gather_objects(local)
+    parts = all_gather_objects(local)
     order_idx = np.concatenate([p[0] for p in parts])
     order = np.argsort(order_idx, kind="stable")
     all_paths = [x for p in parts for x in p[4]]
