@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "staralign.bench",
     "staralign.data.cli",
     "staralign.engine.cli",
-    "staralign.engine.test_cli",
+    "staralign.engine.evaluate_cli",
     "staralign.experiments.cli",
     "staralign.hub_cli",
     "staralign.inference.cli",

@@ -34,6 +34,7 @@ import yaml
 
 __all__ = [
     "BUILTIN_DEFINITIONS",
+    "NORMS",
     "DefinitionError",
     "Edge",
     "LandmarkDefinition",
@@ -42,7 +43,10 @@ __all__ = [
     "definition_for_num_points",
 ]
 
-NORM_TYPES = ("ocular", "pupil", "default")
+NORM_TYPES = ("ocular", "pupil", "default")  # the normalisations a definition names landmarks for
+# Every NME normalisation (staralign.metrics): the definition's, or the landmarks' box. Here, not in
+# metrics, so that the test command's --norm choices come without loading torch.
+NORMS = (*NORM_TYPES, "box")
 BUILTIN_DEFINITIONS = ("WFLW", "300W", "COFW", "300VW")
 _BUILTIN_FILES = {"WFLW": "wflw.yaml", "300W": "300w.yaml", "COFW": "cofw.yaml", "300VW": "300vw.yaml"}
 

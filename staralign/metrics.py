@@ -13,13 +13,12 @@ import numpy as np
 import torch
 from scipy.integrate import simpson
 
-from .definitions import LandmarkDefinition, get_definition
+from .definitions import NORMS, LandmarkDefinition, get_definition
 
 __all__ = [
-    "NORMS", "ced_curve", "fr_auc", "nme", "normalising_distance", "point_errors", "summarize",
+    "ced_curve", "fr_auc", "nme", "normalising_distance", "point_errors", "summarize",
 ]
 
-NORMS = ("ocular", "pupil", "default", "box")
 AUC_STEP = 1e-4
 
 

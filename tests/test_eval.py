@@ -12,16 +12,10 @@ from torch import nn
 
 from staralign.config import ModelConfig
 from staralign.data.annotations import WFLW_TAGS, Annotation
+from staralign.data.testsets import TestSet, load_test_set, tag_subsets
 from staralign.definitions import get_definition
-from staralign.engine.evaluator import (
-    TestSet,
-    crop_to_image_space,
-    evaluate_model,
-    load_test_set,
-    predict_batch,
-    score,
-    tag_subsets,
-)
+from staralign.engine.evaluator import evaluate_model, predict_batch
+from staralign.engine.scoring import crop_to_image_space, score
 from staralign.metrics import summarize
 from staralign.models import build_model
 
@@ -52,7 +46,7 @@ def _key(image: torch.Tensor) -> str:
 
 
 def _mirror(landmarks: torch.Tensor, definition) -> torch.Tensor:
-    """Landmarks of the mirrored crop, written out here (not the evaluator's flip_landmarks)."""
+    """Landmarks of the mirrored crop, written out here (not the evaluator's flip_normalized_landmarks_torch)."""
     perm = list(range(definition.num_points))
     for a, b in definition.flip_pairs:
         perm[a], perm[b] = b, a

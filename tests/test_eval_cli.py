@@ -12,9 +12,9 @@ import pytest
 
 from staralign.cli import main
 from staralign.data.annotations import WFLW_TAGS, read_annotations, write_annotations
-from staralign.engine.evaluator import load_test_set
+from staralign.data.testsets import load_test_set
+from staralign.engine.evaluate_cli import run_labels
 from staralign.engine.report import plot_ced
-from staralign.engine.test_cli import run_labels
 from staralign.models import save_model
 
 from .conftest import reference_path
@@ -229,18 +229,18 @@ def test_runs_are_named_after_their_run_folder_not_the_checkpoint_file():
     assert run_labels(["models/WFLW_STARLoss.pkl"]) == ["WFLW_STARLoss"]
 
 
-def test_test_command_choices_match_the_evaluator():
+@pytest.mark.parametrize(("flag", "value"), [("--norm", "inter-pupil"), ("--space", "photo")])
+def test_test_command_refuses_an_unknown_norm_or_space(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "--test-file", "t.tsv", flag, value])
+    assert exc.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_building_the_parser_does_not_load_torch():
+    # --norm and --space take their choices from definitions.NORMS and scoring.SPACES: modules without torch.
     import subprocess
     import sys
 
-    from staralign.cli import build_parser
-    from staralign.engine.evaluator import SPACES
-    from staralign.metrics import NORMS
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["test"]
-    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
-    assert choices["norm"] == NORMS and choices["space"] == SPACES
-    # The reason they are spelled out: building the parser does not load torch.
     code = "import sys; from staralign.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"

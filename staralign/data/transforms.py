@@ -54,8 +54,8 @@ __all__ = [
     "crop_matrix",
     "crop_to_image",
     "denormalize_points",
-    "flip_landmarks",
     "flip_matrix",
+    "flip_pixel_landmarks_np",
     "image_to_tensor",
     "network_input",
     "normalize_image",
@@ -111,8 +111,11 @@ def mirror_matrix(width: int) -> np.ndarray:
     return flip_matrix(width, -1)
 
 
-def flip_landmarks(points: np.ndarray, width: int, definition: LandmarkDefinition) -> np.ndarray:
-    """Mirror (N, 2) landmarks of a ``width``-wide image: pairs swap, x -> w + offset - x."""
+def flip_pixel_landmarks_np(points: np.ndarray, width: int, definition: LandmarkDefinition) -> np.ndarray:
+    """Mirror (N, 2) landmarks in the pixels of a ``width``-wide image: pairs swap, x -> w + offset - x.
+
+    (Landmarks in normalised crop coordinates flip with
+    :func:`staralign.engine.evaluator.flip_normalized_landmarks_torch`.)"""
     out = np.asarray(points)[definition.flip_permutation()].copy()
     out[:, 0] = width + definition.flip_x_offset - out[:, 0]
     return out

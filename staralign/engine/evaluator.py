@@ -1,20 +1,18 @@
-"""Batched, device-aware prediction over a test set, and the paper's metrics from it.
+"""Running a network over faces: the training loop's validation and the ``test`` command's evaluation.
 
 Layers, each usable alone:
 
+* ``predict_batch`` is one network call on a batch of crops: the last stack's
+  landmarks, normalised, optionally averaged with the mirrored crop's (flip test).
+  Validation and evaluation both predict through it.
 * ``predict`` runs a model over a loader and returns per-sample landmarks in crop
   space (normalised, like the original tester) together with the crop matrices
-  needed to map them back to the original image.  ``evaluate_nme`` is the
-  training loop's validation: the last stack's mean NME, exact across processes.
-* ``load_test_set`` reads the faces to score and their named subsets: WFLW's six
-  attribute tags, or 300W's common / challenge files (each face read once).
-* ``evaluate_model`` runs one network over a :class:`TestSet` and returns an
-  :class:`EvalResult`: per-landmark errors in crop space (the original
-  ``tester.py``: prediction vs clamped ground truth, normalised crop coordinates)
-  or image space (its ``evaluate.py``: the prediction mapped back through the
-  inverse crop vs the annotation's landmarks, unclamped).
-* ``metrics.summarize`` / ``score`` turn per-sample NMEs into NME, FR and AUC per
-  threshold, for the full set and every subset (what the report and JSON hold).
+  needed to map them back to the original image (:class:`~.scoring.Predictions`).
+* ``evaluate_nme`` / ``evaluate_nmes`` are the training loop's validation: the last
+  stack's mean NME, exact across processes.
+* ``evaluate_model`` runs one network over a :class:`~staralign.data.testsets.TestSet`
+  (the faces and their subsets, :mod:`staralign.data.testsets`) and scores it in crop
+  or image space (:mod:`.scoring`): an :class:`~.scoring.EvalResult`.
 
 Test mode never builds training targets (the original's loader draws point and
 edge maps for every test face and throws them away).
@@ -25,46 +23,31 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data.annotations import WFLW_TAGS, Annotation, read_annotations
+from ..data.testsets import TestSet
 from ..data.transforms import network_input
-from ..definitions import LandmarkDefinition, get_definition
-from ..metrics import NORMS, point_errors, summarize
+from ..definitions import NORMS, LandmarkDefinition
 from ..metrics import nme as nme_fn
 from ..models.speed import autocast
-from . import distributed as D
+from .distributed import all_gather_objects
+from .scoring import SPACES, EvalResult, Predictions, errors_in_space
 
 __all__ = [
-    "SPACES",
-    "EvalResult",
-    "Predictions",
-    "TestSet",
-    "crop_to_image_space",
     "default_micro_batch",
     "default_workers",
     "evaluate_model",
     "evaluate_nme",
     "evaluate_nmes",
-    "flip_landmarks",
-    "load_test_set",
+    "flip_normalized_landmarks_torch",
     "make_loader",
     "predict",
     "predict_batch",
-    "score",
-    "tag_subsets",
 ]
 
-SPACES = ("crop", "image")
-FULL = "full"
-# 300W's converter writes these next to test.tsv (which is their union).
-COMMON_FILE, CHALLENGE_FILE, TEST_FILE = "test_common.tsv", "test_challenge.tsv", "test.tsv"
 # Faces per network call on a CPU.  Measured with the full-size model on a shared 2-core
 # machine (docs/evaluation.md): 32 at once falls out of cache; 4 to 8 are a little faster
 # than 16 on idle cores but up to twice as slow when other jobs share them (more, smaller
@@ -72,9 +55,10 @@ COMMON_FILE, CHALLENGE_FILE, TEST_FILE = "test_common.tsv", "test_challenge.tsv"
 CPU_MICRO_BATCH = 16
 
 
-
-def flip_landmarks(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
-    """Landmarks predicted on a horizontally mirrored crop, mapped back to the crop.
+def flip_normalized_landmarks_torch(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
+    """Landmarks (..., N, 2) predicted on a horizontally mirrored crop, in normalised crop
+    coordinates, mapped back to the crop (the image-pixel numpy flip is
+    :func:`staralign.data.transforms.flip_pixel_landmarks_np`).
 
     In normalised align-corners=False coordinates a mirror is exactly ``x -> -x``;
     the flip pairs then swap left and right points.
@@ -109,7 +93,7 @@ def predict_batch(
         pred = _forward(model, images, kwargs, micro_batch)
         if flip_test:
             mirrored = _forward(model, torch.flip(images, dims=[-1]), kwargs, micro_batch)
-            pred = 0.5 * (pred + flip_landmarks(mirrored, definition))
+            pred = 0.5 * (pred + flip_normalized_landmarks_torch(mirrored, definition))
     return pred
 
 
@@ -122,17 +106,6 @@ def _accepts_all_stacks(model_class: type) -> bool:
         return "all_stacks" in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-@dataclass
-class Predictions:
-    """Per-sample results of ``predict``, in dataset order."""
-
-    indices: np.ndarray  # (M,) dataset indices
-    pred: np.ndarray  # (M, N, 2) normalised crop coordinates
-    gt: np.ndarray  # (M, N, 2) normalised crop coordinates (clamped, as the original)
-    matrices: np.ndarray  # (M, 3, 3) image -> crop pixel transforms
-    paths: list[str]
 
 
 def _progress_bar(loader, enabled: bool):
@@ -188,7 +161,7 @@ def predict(
         np.concatenate(mats) if mats else np.zeros((0, 3, 3)),
         paths,
     )
-    parts = D.all_gather_objects(local)
+    parts = all_gather_objects(local)
     order_idx = np.concatenate([p[0] for p in parts])
     order = np.argsort(order_idx, kind="stable")
     all_paths = [x for p in parts for x in p[4]]
@@ -244,177 +217,6 @@ def evaluate_nmes(
         torch.distributed.all_reduce(total)
     nmes = (total[:, 0] / total[:, 1].clamp(min=1)).tolist()
     return dict(zip(models, nmes, strict=True))
-
-
-# --------------------------------------------------------------------------- test sets
-
-
-def tag_subsets(annotations: Sequence[Annotation]) -> dict[str, np.ndarray]:
-    """Boolean masks of the attribute subsets, from the rows' 0/1 tags.
-
-    Six tags are WFLW's (pose, expression, illumination, make-up, occlusion, blur);
-    any other count is named ``tag0``, ``tag1``, ...  A row without tags is in none.
-    """
-    width = max((len(a.tags) for a in annotations), default=0)
-    if width == 0:
-        return {}
-    flags = np.zeros((len(annotations), width), bool)
-    for i, a in enumerate(annotations):
-        flags[i, :len(a.tags)] = np.asarray(a.tags, bool)
-    names = WFLW_TAGS if width == len(WFLW_TAGS) else tuple(f"tag{k}" for k in range(width))
-    return {name: flags[:, k] for k, name in enumerate(names)}
-
-
-@dataclass
-class TestSet:
-    """The faces to score, read once, and named subsets of them (boolean masks).
-
-    ``full_first``: where the full set goes in tables (WFLW lists it first, 300W's
-    papers list common, challenge, then full).
-    """
-
-    __test__ = False  # not a pytest test class
-
-    annotations: list[Annotation]
-    image_dir: str | None
-    files: list[str]
-    subsets: dict[str, np.ndarray] = field(default_factory=dict)
-    full_first: bool = True
-
-    def __len__(self) -> int:
-        return len(self.annotations)
-
-    def rows(self) -> list[str]:
-        """Names of the reported sets in display order, ``"full"`` included."""
-        names = list(self.subsets)
-        return [FULL, *names] if self.full_first else [*names, FULL]
-
-    def dataset(self, definition: LandmarkDefinition, input_size: int):
-        """A test-mode dataset of these faces (no augmentation, no training targets)."""
-        from ..data.dataset import LandmarkDataset
-
-        return LandmarkDataset(self.annotations, self.image_dir, definition, train=False,
-                               input_size=input_size, heatmap_size=max(1, input_size // 4), targets="none")
-
-
-def _find(annot_dir: str | os.PathLike | None, definition: LandmarkDefinition, name: str) -> Path | None:
-    from ..data.dataset import find_annotation_file
-
-    if annot_dir is None:
-        return None
-    try:
-        return find_annotation_file(annot_dir, definition.name, name)
-    except FileNotFoundError:
-        return None
-
-
-def _read(path: Path, definition: LandmarkDefinition) -> list[Annotation]:
-    return list(read_annotations(path, num_points=definition.num_points).annotations)
-
-
-def load_test_set(
-    definition: str | LandmarkDefinition,
-    annot_dir: str | os.PathLike | None,
-    image_dir: str | os.PathLike | None,
-    test_file: str | os.PathLike | None = None,
-) -> TestSet:
-    """The test faces: ``test_file`` (a name under ``annot_dir``, or a path), else 300W's
-    ``test_common.tsv`` + ``test_challenge.tsv`` when both exist, else ``test.tsv``.
-
-    Raises ``FileNotFoundError`` naming what was looked for, and
-    :class:`~staralign.data.annotations.AnnotationError` for bad rows (including a
-    point count that does not match ``definition``).
-    """
-    d = get_definition(definition)
-    img = None if image_dir is None else str(image_dir)
-    if test_file is not None:
-        given = Path(test_file)
-        path = None if given.is_absolute() else _find(annot_dir, d, str(test_file))
-        if path is None and given.is_file():
-            path = given
-        if path is None:
-            where = f" (nor under {annot_dir})" if annot_dir is not None else ""
-            raise FileNotFoundError(f"test file {str(test_file)!r} not found{where}")
-        anns = _read(path, d)
-        return TestSet(anns, img, [str(path)], tag_subsets(anns))
-    if annot_dir is None:
-        raise FileNotFoundError("no test file: give an annotation directory or a test file")
-    common, challenge = _find(annot_dir, d, COMMON_FILE), _find(annot_dir, d, CHALLENGE_FILE)
-    if common is not None and challenge is not None:
-        a, b = _read(common, d), _read(challenge, d)
-        anns = a + b
-        subsets = {"common": np.arange(len(anns)) < len(a), "challenge": np.arange(len(anns)) >= len(a)}
-        subsets.update(tag_subsets(anns))
-        return TestSet(anns, img, [str(common), str(challenge)], subsets, full_first=False)
-    path = _find(annot_dir, d, TEST_FILE)
-    if path is None:
-        raise FileNotFoundError(f"no {TEST_FILE} (or {COMMON_FILE} + {CHALLENGE_FILE}) in {annot_dir} "
-                                f"or {Path(annot_dir) / d.name}")
-    anns = _read(path, d)
-    return TestSet(anns, img, [str(path)], tag_subsets(anns))
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def score(
-    nmes: Sequence[float] | np.ndarray,
-    subsets: Mapping[str, np.ndarray],
-    thresholds: Sequence[float],
-    norm: str,
-) -> dict:
-    """The full set's :func:`~staralign.metrics.summarize`, with ``"subsets"``: the same for every masked subset."""
-    values = np.asarray(nmes, np.float64).reshape(-1)
-    out = summarize(values, thresholds, norm)
-    out["subsets"] = {}
-    for name, mask in subsets.items():
-        m = np.asarray(mask, bool)
-        if m.shape != values.shape:
-            raise ValueError(f"subset {name!r}: mask of shape {m.shape} for {values.size} faces")
-        out["subsets"][name] = summarize(values[m], thresholds, norm)
-    return out
-
-
-def crop_to_image_space(pred: np.ndarray, matrices: np.ndarray, input_size: int) -> np.ndarray:
-    """Normalised crop landmarks (M, N, 2) -> original image pixels through each inverse crop."""
-    from ..data.transforms import crop_to_image, denormalize_points
-
-    pixels = denormalize_points(np.asarray(pred, np.float64), input_size)
-    return crop_to_image(pixels, np.asarray(matrices, np.float64))
-
-
-@dataclass
-class EvalResult:
-    """One network on one test set: per-landmark errors in the evaluated space, and all it
-    took to get them (for reports: the crop-space predictions and crop matrices)."""
-
-    label: str
-    definition: LandmarkDefinition
-    space: str
-    norm: str
-    flip_test: bool
-    input_size: int
-    predictions: Predictions  # crop space, normalised
-    pred: np.ndarray  # (M, N, 2) in the evaluated space (normalised crop, or image pixels)
-    gt: np.ndarray  # (M, N, 2) likewise
-    errors: np.ndarray  # (M, N) point errors / normalising distance
-    subsets: dict[str, np.ndarray]
-    seconds: float
-    checkpoint: str = ""
-
-    @property
-    def nmes(self) -> np.ndarray:
-        """(M,) per-face NME."""
-        return self.errors.mean(axis=1)
-
-    def per_landmark(self, mask: np.ndarray | None = None) -> np.ndarray:
-        """(N,) mean normalised error of each landmark (over ``mask``'s faces, or all)."""
-        errs = self.errors if mask is None else self.errors[np.asarray(mask, bool)]
-        return errs.mean(axis=0) if len(errs) else np.full(self.errors.shape[1], np.nan)
-
-    def metrics(self, thresholds: Sequence[float]) -> dict:
-        """:func:`score` of this run."""
-        return score(self.nmes, self.subsets, thresholds, self.norm)
 
 
 def default_workers(device: torch.device) -> int:
@@ -502,13 +304,7 @@ def evaluate_model(
         if convert:
             model.to(memory_format=torch.contiguous_format)
     seconds = time.perf_counter() - t0
-    if space == "crop":
-        pred, gt = preds.pred.astype(np.float64), preds.gt.astype(np.float64)
-    else:
-        pred = crop_to_image_space(preds.pred, preds.matrices, input_size)
-        gt = np.stack([test_set.annotations[i].landmarks for i in preds.indices]).astype(np.float64) \
-            if len(preds.indices) else np.zeros((0, definition.num_points, 2))
-    errors = point_errors(pred, gt, definition, norm) if len(pred) else np.zeros((0, definition.num_points))
+    pred, gt, errors = errors_in_space(preds, test_set, definition, space, norm, input_size)
     subsets = {name: np.asarray(mask, bool)[preds.indices] for name, mask in test_set.subsets.items()}
     return EvalResult(label, definition, space, norm, flip_test, input_size, preds, pred, gt,
-                      np.asarray(errors, np.float64), subsets, seconds, checkpoint)
+                      errors, subsets, seconds, checkpoint)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write, finite_json
-from .evaluator import FULL, EvalResult, TestSet
+from ..data.testsets import FULL, TestSet
+from .scoring import EvalResult
 
 __all__ = [
     "FORMAT_NAME",

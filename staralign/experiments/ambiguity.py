@@ -155,9 +155,10 @@ def run_ambiguity_experiment(
     import torch
 
     from ..data.synth import GENERATOR_VERSION, point_kinds
+    from ..data.testsets import load_test_set
     from ..definitions import get_definition
     from ..devices import resolve_device
-    from ..engine.evaluator import evaluate_model, load_test_set
+    from ..engine.evaluator import evaluate_model
     from ..engine.trainer import train as train_run
     from ..metrics import normalising_distance
     from ..models import load_model

@@ -379,8 +379,9 @@ def _run(out: Path, minutes: float, train: int | None, test: int, seed: int, dev
     import torch
 
     from ..config import save_yaml
+    from ..data.testsets import load_test_set
     from ..devices import resolve_device
-    from ..engine.evaluator import evaluate_model, load_test_set
+    from ..engine.evaluator import evaluate_model
     from ..engine.report import build_summary, format_table, write_face_grid, write_json, write_report
     from ..engine.trainer import train as train_run
     from ..models import load_model

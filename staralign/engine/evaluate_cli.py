@@ -23,10 +23,10 @@ __all__ = ["register", "run_test", "run_labels"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``test`` to the ``staralign`` parser."""
     from ..config import AMP_MODES
+    from ..definitions import NORMS
     from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
+    from .scoring import SPACES
 
-    # --norm and --space spell out metrics.NORMS and evaluator.SPACES (a test keeps them equal):
-    # importing those modules would load torch for every command's --help.
     p = subparsers.add_parser(
         "test", help="evaluate checkpoints on a test set: NME / FR / AUC per subset, CED plots",
         description="Evaluate one or several checkpoints (official .pkl or staralign .safetensors) on a "
@@ -44,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(also <DIR>/<definition>/, the original's layout)")
     p.add_argument("--test-file", metavar="FILE",
                    help="annotation file: a path, or a name under --annot-dir (default: see --annot-dir)")
-    p.add_argument("--norm", choices=("ocular", "pupil", "default", "box"), default="default",
+    p.add_argument("--norm", choices=NORMS, default="default",
                    help="NME normalisation (default: the definition's 'default', inter-ocular for WFLW)")
     p.add_argument("--flip-test", action="store_true",
                    help="average each prediction with the mirrored crop's")
-    p.add_argument("--space", choices=("crop", "image"), default="crop",
+    p.add_argument("--space", choices=SPACES, default="crop",
                    help="crop: as the original tester (normalised crop coordinates, clamped ground truth); "
                         "image: original image pixels, as the original evaluate.py")
     p.add_argument("--thresholds", type=float, nargs="+", metavar="T",
@@ -168,7 +168,7 @@ def _resolve_definition(args: argparse.Namespace):
 def _load_test_set(args: argparse.Namespace, definition):
     from ..cli import UserError
     from ..data.annotations import AnnotationError, resolve_image_path
-    from .evaluator import load_test_set
+    from ..data.testsets import load_test_set
 
     try:
         test_set = load_test_set(definition, args.annot_dir, args.image_dir, args.test_file)
