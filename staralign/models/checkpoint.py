@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_path
+from .._io import atomic_write
 from ..config import ConfigError, ModelConfig, from_dict, to_dict
 from ..definitions import (
     DefinitionError,
@@ -410,9 +410,12 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     """Write the weights, config and landmark definition as one safetensors file, atomically.
 
     The file is written beside ``path`` and renamed over it, so a crash never
-    leaves a truncated checkpoint under the final name.
+    leaves a truncated checkpoint under the final name.  It is serialised in memory and written
+    by :func:`~staralign._io.atomic_write`: safetensors' own ``save_file`` writes through a
+    temporary file of its own (``.tmpXXXXXX``) that a killed process leaves behind, under a
+    name the run folder's clean-up cannot know.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     net = unwrap(model)
     config = getattr(net, "config", None)
@@ -427,6 +430,5 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
         "definition": definition.to_dict(),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info)})
+    atomic_write(path, save(tensors, metadata={METADATA_KEY: json.dumps(info)}))
     return path
