@@ -38,7 +38,7 @@ from ..data.transforms import network_input
 from ..definitions import LandmarkDefinition, get_definition
 from ..metrics import NORMS, point_errors, summarize
 from ..metrics import nme as nme_fn
-from ..models.speed import autocast
+from ..precision import autocast
 from . import distributed as D
 
 __all__ = [

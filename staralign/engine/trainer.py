@@ -40,7 +40,7 @@ from ..config import ConfigError, TrainConfig, save_yaml
 from ..definitions import LandmarkDefinition, get_definition
 from ..losses.recipe import RecipeLoss
 from ..models.checkpoint import unwrap
-from ..models.speed import autocast
+from ..precision import autocast
 from . import distributed as D
 from .ema import ModelEMA, default_decay
 from .preflight import preflight
