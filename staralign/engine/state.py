@@ -23,6 +23,8 @@ from .._io import atomic_path
 from ..models.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
     from ..config import OptimConfig
     from .step import TrainStep
 
@@ -108,7 +110,7 @@ class RunProgress:
         return improved
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: Any, progress: RunProgress,
+def save_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: LRScheduler, progress: RunProgress,
                     epoch: int, batch: int) -> Path:
     """Everything a resume needs to continue at batch ``batch`` of epoch ``epoch`` (0-based)."""
     return save_state(run_dir, {
@@ -124,7 +126,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: Any,
     })
 
 
-def restore_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: Any, optim: OptimConfig,
+def restore_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: LRScheduler, optim: OptimConfig,
                        device: torch.device) -> tuple[int, int, RunProgress]:
     """Load a run's saved state into ``step`` and ``scheduler`` and the RNGs; returns (epoch, batch,
     progress) to continue from.  Call it before the step's first call (a CUDA graph captures the

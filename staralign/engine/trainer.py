@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
-from ..config import TrainConfig, save_yaml
+from ..config import RuntimeConfig, TrainConfig, save_yaml
 from ..definitions import LandmarkDefinition, get_definition
 from . import distributed
 from .loaders import build_loaders, timed_batches
@@ -285,7 +286,8 @@ def _log_step(metrics: _Metrics, bar: Any, result: StepResult, step: TrainStep, 
     log.debug("epoch %d step %d loss %.5f", epoch + 1, index + 1, result.loss)
 
 
-def _not_applied(result: StepResult, batch: dict[str, Any], epoch: int, index: int, rt: Any, skipped: int) -> int:
+def _not_applied(result: StepResult, batch: dict[str, Any], epoch: int, index: int, rt: RuntimeConfig,
+                 skipped: int) -> int:
     """A step left unapplied for a non-finite loss or gradient: stop the run (``runtime.on_nonfinite``
     "stop") or count the batch as skipped, up to ``runtime.max_skipped``; returns the new count."""
     msg = (f"non-finite loss {result.loss} / gradient norm {result.grad_norm} at epoch {epoch + 1} step {index} "
@@ -376,8 +378,8 @@ def _save_weights(run_dir: Path, env: distributed.DistEnv, step: TrainStep, best
         save_model(src, run_dir / "best.safetensors")
 
 
-def _checkpoint(run_dir: Path, env: distributed.DistEnv, step: TrainStep, scheduler: Any, progress: RunProgress,
-                epoch: int, batch: int) -> None:
+def _checkpoint(run_dir: Path, env: distributed.DistEnv, step: TrainStep, scheduler: LRScheduler,
+                progress: RunProgress, epoch: int, batch: int) -> None:
     """Training state for resuming at batch ``batch`` of ``epoch``; rank 0 writes, everyone waits."""
     if env.is_main:
         save_checkpoint(run_dir, step, scheduler, progress, epoch, batch)
