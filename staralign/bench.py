@@ -491,8 +491,8 @@ def bench_data(args) -> dict:
         tsv = _write_bench_dataset(folder, definition, args.images, args.size, args.seed)
         # The trainer's three ways (data.targets): all maps in the workers (float images), edge
         # maps in the workers with 8-bit images ("mixed"), no maps in the workers (8-bit images).
-        for mode, dtype, key in (("worker", "float32", "worker_targets"), ("edges", "uint8", "mixed_targets"),
-                                 ("none", "uint8", "device_targets")):
+        for mode, dtype, key in (("worker", "float32", "worker_targets"), ("mixed", "uint8", "mixed_targets"),
+                                 ("device", "uint8", "device_targets")):
             ds = LandmarkDataset(tsv, folder, definition, train=True, seed=args.seed, targets=mode,
                                  image_dtype=dtype)
             result[key] = _loader_rate(ds, args.workers, args.batch_size, samples)
@@ -567,37 +567,37 @@ def _python_loop_ema(ema_model, model, decay: float) -> None:
 
 @bench("train", _train_args)
 def bench_train(args) -> dict:
-    """Images/s of the trainer's own step (:func:`staralign.engine.trainer.train_step`: forward, recipe
+    """Images/s of the trainer's own step (:func:`staralign.engine.step.train_step`: forward, recipe
     loss, backward, gradient clipping, the finiteness sync, Adam, EMA) on synthetic tensors."""
     import contextlib
     import copy
 
     import torch
 
-    from .config import LossConfig, ModelConfig, OptimConfig
+    from .config import ConfigError, LossConfig, ModelConfig, OptimConfig, RuntimeConfig, TrainConfig
     from .data.targets import batch_targets
     from .data.transforms import normalize_points
     from .definitions import get_definition
-    from .engine.ema import ModelEMA, default_decay
-    from .engine.graphed import GraphedTrainStep
-    from .engine.trainer import build_optimizer, train_step
-    from .losses.recipe import RecipeLoss
-    from .models import build_model
+    from .engine.step import build_train_step
 
     device = resolve_device(args.device)
     definition = get_definition(args.definition)
-    cfg = ModelConfig(definition=definition.name, nstack=args.nstack, nlevels=args.nlevels,
-                      channels=args.channels, input_size=args.input_size)
+    if args.cuda_graphs and (args.original_style or device.type != "cuda"):
+        raise SystemExit("--cuda-graphs needs --device cuda and does not go with --original-style")
+    # The trainer's configuration of this step: the paper recipe's loss, Adam and gradient
+    # clipping setting, its default EMA decay for this batch, and the speed switches asked for.
+    config = TrainConfig(
+        model=ModelConfig(definition=definition.name, nstack=args.nstack, nlevels=args.nlevels,
+                          channels=args.channels, input_size=args.input_size),
+        loss=LossConfig(), optim=OptimConfig(batch_size=args.batch_size),
+        runtime=RuntimeConfig(amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+                              cuda_graphs=args.cuda_graphs, cudnn_benchmark=args.cudnn_benchmark))
+    try:
+        config.runtime.validate()
+    except ConfigError as exc:
+        raise SystemExit(f"staralign bench train: {exc}") from None
     torch.manual_seed(0)
-    model = build_model(cfg, definition).to(device)
-    if args.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = RecipeLoss(LossConfig())
-    optim = OptimConfig()  # the paper recipe's Adam and gradient clipping setting
-    optimizer = build_optimizer(model, optim, graphable=args.cuda_graphs)
-    decay = default_decay(args.batch_size)
+    step = build_train_step(config, definition, device)
     if args.original_style:
 
         class _CpuEighStar(torch.nn.Module):
@@ -605,19 +605,14 @@ def bench_train(args) -> dict:
                 return _reference_style_star(heatmaps, gt)
 
         class _PythonLoopEMA:
-            def __init__(self) -> None:
-                self.module = copy.deepcopy(model)
+            def __init__(self, model, decay: float) -> None:
+                self.module, self.decay = copy.deepcopy(model), decay
 
             def update(self, src) -> None:
-                _python_loop_ema(self.module, src, decay)
+                _python_loop_ema(self.module, src, self.decay)
 
-        criterion.landmark_loss = _CpuEighStar()
-        ema = _PythonLoopEMA()
-    else:
-        ema = ModelEMA(model, decay)
-    net = torch.compile(model) if args.compile else model
-    if args.compile:
-        criterion = torch.compile(criterion)
+        step.loss.landmark_loss = _CpuEighStar()  # before the first call: torch.compile traces it then
+        step.ema = _PythonLoopEMA(step.model, step.ema.decay)
 
     gen = torch.Generator().manual_seed(0)
     b, size = args.batch_size, args.input_size
@@ -627,35 +622,21 @@ def bench_train(args) -> dict:
     # Plausible landmark layouts: a jittered mean shape per sample, in crop pixels.
     base = torch.rand(definition.num_points, 2, generator=gen) * 0.5 + 0.25
     points = ((base + 0.02 * torch.randn(b, definition.num_points, 2, generator=gen)) * size).to(device)
-    landmarks = normalize_points(points, size)
-    hsize = size // 4
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    # "device": the maps are built from the points every step; "none": once, as if a loader built them.
-    fixed = dict(zip(("pointmaps", "edgemaps"), batch_targets({"points": points}, definition, size, hsize, device),
-                     strict=True))
-    batch = {"points": points} if args.targets == "device" else fixed
+    batch = {"image": images, "landmarks": normalize_points(points, size), "points": points}
+    if args.targets == "none":  # the maps built once, as if a loader built them; "device": every step
+        batch.update(zip(("pointmaps", "edgemaps"),
+                         batch_targets(batch, definition, size, config.model.heatmap_size, device), strict=True))
 
-    graphed = None
-    if args.cuda_graphs:
-        if args.original_style or device.type != "cuda":
-            raise SystemExit("--cuda-graphs needs --device cuda and does not go with --original-style")
-        graphed = GraphedTrainStep(net, model, criterion, optimizer, ema, images, landmarks, fixed["pointmaps"],
-                                   fixed["edgemaps"], amp=args.amp, grad_clip=optim.grad_clip,
-                                   channels_last=args.channels_last)
-
-    def step() -> None:
-        pm, em = batch_targets(batch, definition, size, hsize, device)
-        if graphed is not None:
-            graphed(images, landmarks, pm, em)
-            return
+    def run_step() -> None:
         # The original runs with anomaly detection on, forward and backward (set_detect_anomaly:
         # the same mode, restored on exit, without detect_anomaly's warning at every step).
         with torch.autograd.set_detect_anomaly(True) if args.original_style else contextlib.nullcontext():
-            train_step(net, model, criterion, optimizer, scaler, ema, images, landmarks, pm, em,
-                       amp=args.amp, grad_clip=optim.grad_clip)
+            step(batch)
 
-    model.train()
-    timing = time_fn(step, device, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+    step.net.train()
+    if args.cuda_graphs:
+        run_step()  # the first call captures the graph (untimed, like any warm-up)
+    timing = time_fn(run_step, device, warmup=args.warmup, iters=args.iters, repeats=args.repeats)
     result: dict[str, Any] = {
         "bench": "train",
         "batch_size": b,
@@ -669,7 +650,7 @@ def bench_train(args) -> dict:
     result["step"] = timing
     result["images_per_s"] = b * 1000.0 / timing["ms_median"]
     if args.profile:
-        result["profile"] = profile_kernels(step, device)
+        result["profile"] = profile_kernels(run_step, device)
     return result
 
 

@@ -81,7 +81,7 @@ def test_train_landmarks_land_on_the_warped_dots(tmp_path):
         images.append(_dot_image(420, 380, lm))
         lms.append(lm)
     tsv = _write(tmp_path, images, lms)
-    ds = LandmarkDataset(tsv, tmp_path, TOY, train=True, targets="none", texture=NO_TEXTURE)
+    ds = LandmarkDataset(tsv, tmp_path, TOY, train=True, targets="device", texture=NO_TEXTURE)
     flips = set()
     for epoch in range(6):
         ds.set_epoch(epoch)
@@ -106,7 +106,7 @@ def test_flip_of_a_symmetric_face_is_consistent(tmp_path):
     assert np.array_equal(img, img[:, ::-1])  # mirror symmetric about (w - 1) / 2
     tsv = _write(tmp_path, [img], [lm])
     still = GeometryAugment(0.0, 0.0, 0.0)
-    ds = LandmarkDataset(tsv, tmp_path, TOY, train=True, targets="none", texture=NO_TEXTURE, geometry=still)
+    ds = LandmarkDataset(tsv, tmp_path, TOY, train=True, targets="device", texture=NO_TEXTURE, geometry=still)
     seen = {}
     for epoch in range(20):
         ds.set_epoch(epoch)
@@ -181,7 +181,7 @@ def test_worker_and_device_targets_agree(tmp_path):
     base = rng.uniform(150, 250, (29, 2)).astype(np.float32)
     tsv = _write(tmp_path, [rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)] * 2, [base, base + 5])
     worker = LandmarkDataset(tsv, tmp_path, d, train=True, targets="worker")
-    device = LandmarkDataset(tsv, tmp_path, d, train=True, targets="none")
+    device = LandmarkDataset(tsv, tmp_path, d, train=True, targets="device")
     a = collate_samples([worker[0], worker[1]])
     b = collate_samples([device[0], device[1]])
     assert "pointmaps" not in b and torch.equal(a["points"], b["points"])
@@ -199,7 +199,7 @@ def test_mixed_targets_and_8bit_images_are_exact(tmp_path):
     base = rng.uniform(150, 250, (29, 2)).astype(np.float32)
     tsv = _write(tmp_path, [rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)], [base])
     full = LandmarkDataset(tsv, tmp_path, d, train=True, targets="worker")
-    mixed = LandmarkDataset(tsv, tmp_path, d, train=True, targets="edges", image_dtype="uint8")
+    mixed = LandmarkDataset(tsv, tmp_path, d, train=True, targets="mixed", image_dtype="uint8")
     a, b = collate_samples([full[0]]), collate_samples([mixed[0]])
     assert b["image"].dtype == torch.uint8 and "pointmaps" not in b
     assert torch.equal(normalize_image(b["image"]), a["image"])
@@ -314,7 +314,7 @@ def _samples_fingerprint(tmp: Path) -> str:
                                (90.0 + i, 95.0)))
     write_annotations(tmp / "stored.tsv", anns)
     ds = LandmarkDataset(tmp / "stored.tsv", tmp, "COFW", train=True, seed=5, input_size=64,
-                         targets="none", image_dtype="uint8")
+                         targets="device", image_dtype="uint8")
     h = hashlib.sha256()
     for epoch in range(4):
         ds.set_epoch(epoch)

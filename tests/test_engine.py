@@ -95,7 +95,7 @@ def test_train_end_to_end_resume_and_evaluate(synth_data, tmp_path):
 
     model = load_model(run / "best.safetensors")
     ds = LandmarkDataset(synth_data / "test.tsv", synth_data, "WFLW", train=False, input_size=64,
-                         heatmap_size=16, targets="none")
+                         heatmap_size=16, targets="device")
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=collate_samples)
     nme = evaluate_nme(model, loader, model.definition, torch.device("cpu"))
     assert nme == pytest.approx(more.best_nme, rel=1e-5)
@@ -295,10 +295,10 @@ def test_target_placement_and_8bit_images_do_not_change_training(synth_data, tmp
 
 def test_maps_are_built_only_for_a_loss_that_scores_them(synth_data):
     from staralign.definitions import get_definition
-    from staralign.engine import distributed as D
-    from staralign.engine.trainer import build_loaders
+    from staralign.engine.distributed import DistEnv
+    from staralign.engine.loaders import build_loaders
 
-    env = D.DistEnv(device=torch.device("cpu"))
+    env = DistEnv(device=torch.device("cpu"))
     for map_weight, keys in ((10.0, {"pointmaps", "edgemaps"}), (0.0, set())):
         cfg = tiny_config(synth_data, loss={"kind": "l2", "map_weight": map_weight}, data={"targets": "worker"})
         train_ds, *_ = build_loaders(cfg, get_definition("WFLW"), env)
@@ -307,7 +307,7 @@ def test_maps_are_built_only_for_a_loss_that_scores_them(synth_data):
 
 def test_target_placement_auto_and_validation():
     from staralign.config import ConfigError
-    from staralign.engine.trainer import resolve_targets
+    from staralign.engine.loaders import resolve_targets
 
     assert resolve_targets("auto", torch.device("cuda", 0)) == "mixed"
     assert resolve_targets("auto", torch.device("cpu")) == "worker"
@@ -329,7 +329,7 @@ def _tiny_step_parts():
 
 
 def test_train_step_applies_only_finite_steps():
-    from staralign.engine.trainer import train_step
+    from staralign.engine.step import train_step
 
     model, criterion, optimizer, ema = _tiny_step_parts()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -352,11 +352,11 @@ def test_train_step_applies_only_finite_steps():
 @pytest.mark.parametrize("extra", [[], ["--original-style"]])
 def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     from staralign.cli import main
-    from staralign.engine import trainer
+    from staralign.engine import step
 
     calls = []
-    real = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     status = main(["bench", "train", "--device", "cpu", "--batch-size", "2", "--nstack", "1", "--nlevels", "2",
                    "--channels", "16", "--input-size", "64", "--iters", "2", "--repeats", "1", "--warmup", "1",
                    "--json", *extra])
@@ -369,11 +369,11 @@ def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
 
 def test_bench_train_profile_reports_the_step_it_profiles(monkeypatch, capsys):
     from staralign.cli import main
-    from staralign.engine import trainer
+    from staralign.engine import step
 
     calls = []
-    real = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(["bench", "train", "--device", "cpu", "--batch-size", "2", "--nstack", "1", "--nlevels", "2",
                  "--channels", "16", "--input-size", "64", "--iters", "1", "--repeats", "1", "--warmup", "1",
                  "--profile", "--json"]) == 0
@@ -407,9 +407,9 @@ def test_graph_training_path_trains_logs_and_resumes_on_cpu(synth_data, tmp_path
     # the fused optimiser with its learning rate in a tensor, the device-side skip, the
     # checkpoints and a resume that builds the step again after loading.
     from staralign.config import load_yaml
-    from staralign.engine import trainer
+    from staralign.engine import step
 
-    monkeypatch.setattr(trainer, "_check_graphable", lambda env: None)
+    monkeypatch.setattr(step, "_check_graphable", lambda device, world_size: None)
     eager = train(tiny_config(synth_data, optim={"epochs": 2}, runtime={"tensorboard": False}), tmp_path / "eager")
     run = tmp_path / "graphed"
     graphed = train(tiny_config(synth_data, optim={"epochs": 2, "milestones": [1]},

@@ -246,7 +246,7 @@ def test_validation_takes_8bit_crops_and_channels_last_models(synth):
 
     def loader(dtype: str):
         ds = LandmarkDataset(synth / "test.tsv", synth, "WFLW", train=False, input_size=64, heatmap_size=16,
-                             targets="none", image_dtype=dtype)
+                             targets="device", image_dtype=dtype)
         return torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_samples)
 
     model = tiny_model(seed=1)

@@ -17,8 +17,7 @@ from staralign.data.targets import batch_targets
 from staralign.data.transforms import network_input, normalize_points
 from staralign.definitions import get_definition
 from staralign.engine.ema import ModelEMA
-from staralign.engine.graphed import GraphedTrainStep
-from staralign.engine.trainer import build_optimizer, train_step
+from staralign.engine.step import GraphedTrainStep, build_optimizer, train_step
 from staralign.losses.recipe import RecipeLoss
 from staralign.models import build_model
 

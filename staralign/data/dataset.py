@@ -22,8 +22,13 @@ Each sample is a dict:
 ``tags``       (T,) int64 attribute flags (T = 0 when the file has none)
 ``index``      int, ``image_path`` str, ``flipped`` bool
 ``pointmaps``  (N, H, H) float32, only with ``targets="worker"``
-``edgemaps``   (E, H, H) float32, with ``targets="worker"`` or ``"edges"`` (point maps are cheap
+``edgemaps``   (E, H, H) float32, with ``targets="worker"`` or ``"mixed"`` (point maps are cheap
                to build on a GPU and costly to send, edge maps the other way round)
+
+``targets`` is where point/edge map targets are built, in ``data.targets``' own words
+(:data:`~staralign.config.TARGET_PLACEMENTS`, explained in :mod:`staralign.engine.loaders`);
+this dataset builds what the placement gives the loader workers, and nothing with
+``"device"``, where the training step builds the maps a batch lacks.
 
 ``matrix`` maps the annotation's landmark coordinates to the crop; when the sample
 was flipped it includes the landmark flip (and the landmarks were permuted by the
@@ -45,6 +50,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset, default_collate
 
+from ..config import TARGET_PLACEMENTS
 from ..definitions import LandmarkDefinition, get_definition
 from .annotations import Annotation, AnnotationError, AnnotationFile, read_annotations, resolve_image_path
 from .images import read_image
@@ -72,7 +78,8 @@ __all__ = [
     "worker_init_fn",
 ]
 
-TARGET_MODES = ("worker", "edges", "none")
+# The placements a dataset takes: data.targets' own, less "auto" (the engine resolves it per device).
+WORKER_PLACEMENTS = tuple(p for p in TARGET_PLACEMENTS if p != "auto")
 IMAGE_DTYPES = ("float32", "uint8")
 
 
@@ -132,8 +139,8 @@ class LandmarkDataset(Dataset):
         sigma: float = 1.5,
         image_dtype: str = "float32",
     ) -> None:
-        if targets not in TARGET_MODES:
-            raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+        if targets not in WORKER_PLACEMENTS:
+            raise ValueError(f"targets must be one of {WORKER_PLACEMENTS}, got {targets!r}")
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
         self.image_dtype = image_dtype
@@ -245,7 +252,7 @@ class LandmarkDataset(Dataset):
         }
         if self.targets == "worker":
             sample["pointmaps"] = torch.from_numpy(point_maps(points, size, self.heatmap_size, self.sigma))
-        if self.targets in ("worker", "edges"):
+        if self.targets in ("worker", "mixed"):
             sample["edgemaps"] = torch.from_numpy(edge_maps(points, self.definition, size, self.heatmap_size))
         return sample
 

@@ -79,7 +79,7 @@ class TestSet:
         from .dataset import LandmarkDataset
 
         return LandmarkDataset(self.annotations, self.image_dir, definition, train=False,
-                               input_size=input_size, heatmap_size=max(1, input_size // 4), targets="none")
+                               input_size=input_size, heatmap_size=max(1, input_size // 4), targets="device")
 
 
 def _find(annot_dir: str | os.PathLike | None, definition: LandmarkDefinition, name: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""Processes, devices and data sharding, from one CPU to many GPUs.
+"""Processes and devices, from one CPU to many GPUs (the data is sharded by :mod:`.loaders`).
 
 ``torchrun --nproc-per-node N -m staralign train ...`` sets ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK``; ``setup`` reads them, picks NCCL on GPUs and
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
 
 from ..devices import resolve_device
 
@@ -70,62 +68,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-class EpochSampler(Sampler[int]):
-    """Deterministic shuffling shared by all ranks, split across ranks, resumable mid-epoch.
-
-    The order of epoch ``e`` is a permutation drawn from ``seed + e``; rank ``r`` of
-    ``W`` takes positions ``r, r + W, ...``, so global step ``k`` covers the same
-    samples whatever ``W`` is (as long as the per-rank batch times ``W`` is the
-    global batch).  ``skip`` drops the first samples of this rank's share (to
-    resume inside an epoch).  With ``drop_last`` the tail that does not fill a
-    global batch is dropped.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        batch_size: int = 1,
-        drop_last: bool = True,
-    ) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip_batches * self.batch_size
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        global_batch = self.batch_size * self.world_size
-        if self.drop_last:
-            order = order[: len(order) // global_batch * global_batch]
-        else:
-            pad = (-len(order)) % self.world_size
-            order = order + order[:pad]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip :])
-
-    def __len__(self) -> int:
-        return max(len(self._indices()) - self.skip, 0)
-
-    def batches_per_epoch(self) -> int:
-        n = len(self._indices())
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 class _CrossProcessBatchNorm(nn.BatchNorm2d):

@@ -32,7 +32,7 @@ from ..data.testsets import TestSet
 from ..data.transforms import network_input
 from ..definitions import NORMS, LandmarkDefinition
 from ..metrics import nme as nme_fn
-from ..models.speed import autocast
+from ..precision import autocast
 from .distributed import all_gather_objects
 from .scoring import SPACES, EvalResult, Predictions, errors_in_space
 

@@ -10,14 +10,23 @@ save leaves the previous file intact and loadable.
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._io import atomic_path
 from ..models.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from ..config import OptimConfig
+    from .step import TrainStep
 
 STATE_FILE = "train_state.pt"
 STATE_VERSION = 1
@@ -78,3 +87,61 @@ def load_state(run_dir: str | os.PathLike, map_location: str | torch.device = "c
 # What ``train`` reads back from a state (checked before anything is restored).
 _STATE_FIELDS = {"model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int, "step": int,
                  "best": dict, "counters": dict, "rng": dict}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class RunProgress:
+    """What a run has done besides its weights: saved in every checkpoint, restored by a resume."""
+
+    best: dict[str, Any] = field(default_factory=lambda: {"nme": math.inf, "epoch": -1, "source": ""})
+    skipped: int = 0  # batches skipped for a non-finite loss, over the whole run
+    history: list[dict[str, Any]] = field(default_factory=list)  # one validation record per epoch
+
+    def update_best(self, nmes: dict[str, float], epoch: int) -> bool:
+        """Take the best of this epoch's NMEs (model, EMA); returns whether one beat the best."""
+        improved = False
+        for source, nme in nmes.items():
+            if nme < self.best["nme"]:
+                self.best = {"nme": nme, "epoch": epoch, "source": source}
+                improved = True
+        return improved
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: LRScheduler, progress: RunProgress,
+                    epoch: int, batch: int) -> Path:
+    """Everything a resume needs to continue at batch ``batch`` of epoch ``epoch`` (0-based)."""
+    return save_state(run_dir, {
+        "model": step.model.state_dict(),
+        "ema": step.ema.state_dict() if step.ema is not None else {},
+        "optimizer": step.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": step.scaler.state_dict(),
+        "epoch": epoch, "step": batch, "best": progress.best,
+        "counters": {"skipped_batches": progress.skipped},
+        "history": progress.history,
+        "rng": rng_state(),
+    })
+
+
+def restore_checkpoint(run_dir: str | os.PathLike, step: TrainStep, scheduler: LRScheduler, optim: OptimConfig,
+                       device: torch.device) -> tuple[int, int, RunProgress]:
+    """Load a run's saved state into ``step`` and ``scheduler`` and the RNGs; returns (epoch, batch,
+    progress) to continue from.  Call it before the step's first call (a CUDA graph captures the
+    state it finds).  The schedule takes ``optim``'s milestones and gamma (a resume may change them)."""
+    state = load_state(run_dir, map_location=device, complete=True)
+    step.model.load_state_dict(state["model"])
+    if step.ema is not None and "ema" in state:
+        step.ema.load_state_dict(state["ema"])
+    step.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.milestones, scheduler.gamma = Counter(optim.milestones), optim.gamma
+    step.scaler.load_state_dict(state["scaler"])
+    # A budget stop's partial-epoch record: the resumed epoch records itself when it ends
+    # (as metrics.jsonl is cut back to the resumed step).
+    history = [h for h in state.get("history", []) if not h.get("partial_steps")]
+    set_rng_state(state["rng"])
+    progress = RunProgress(state["best"], int(state["counters"].get("skipped_batches", 0)), history)
+    return state["epoch"], state["step"], progress

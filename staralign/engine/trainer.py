@@ -1,18 +1,17 @@
 """Training: one function, ``train(config, run_dir)``, readable top to bottom.
 
-A step is: images and landmarks to the device -> point/edge map targets built
-there (or taken from the workers) -> forward -> the recipe loss over all stacks
--> a finiteness check -> backward -> optimiser step -> EMA update.  Each epoch
-ends with the LR schedule, validation of the model and its EMA (last stack's
-NME), and atomic checkpoints.  The same code runs on one CPU or, launched by
-``torchrun``, on many GPUs.
+The loop: for each batch of :mod:`.loaders`, one step (:mod:`.step`: targets,
+forward, the recipe loss over all stacks, backward, a finiteness check, optimiser
+step, EMA update).  Each epoch ends with the LR schedule, validation of the model
+and its EMA (last stack's NME), and atomic checkpoints (:mod:`.state`).  The same
+code runs on one CPU or, launched by ``torchrun``, on many GPUs.
 
 Run directory::
 
     config.yaml         the resolved configuration (what was run)
     train.log           human log
     metrics.jsonl       one JSON object per log step and per epoch
-    tb/                 TensorBoard event files
+    tb/                 TensorBoard event files (with the optional tensorboard extra)
     train_state.pt      everything needed to resume (``--resume RUN_DIR``)
     last.safetensors    weights after the last finished epoch (our model format)
     best.safetensors    weights with the best validation NME (model or EMA)
@@ -22,31 +21,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from torch.optim.lr_scheduler import LRScheduler
 
-from ..config import ConfigError, TrainConfig, save_yaml
+from ..config import RuntimeConfig, TrainConfig, save_yaml
 from ..definitions import LandmarkDefinition, get_definition
-from ..losses.recipe import RecipeLoss
-from ..models.checkpoint import unwrap
-from ..models.speed import autocast
-from . import distributed as D
-from .ema import ModelEMA, default_decay
+from . import distributed
+from .loaders import build_loaders, timed_batches
 from .preflight import preflight
 from .resume import absolute_paths, resume_config
 from .rundir import RunLock, prepare_new_run, run_failure, start_run, truncate_metrics
-from .state import load_state, rng_state, save_state, set_rng_state
+from .state import RunProgress, restore_checkpoint, save_checkpoint
+from .step import StepResult, TrainStep, build_train_step, current_lr
 
 log = logging.getLogger("staralign.train")
 
@@ -68,7 +62,135 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- set-up
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary.
+
+    A new run refuses a folder that holds one unless ``overwrite``; the folder is locked
+    for the run's duration (:mod:`.rundir`); the data is checked before the first step
+    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows."""
+    run_dir = Path(run_dir)
+    config, changes = _config_to_run(config, run_dir, resume)
+    env = distributed.setup(config.runtime.device)
+    rt, oc = config.runtime, config.optim
+    lock = RunLock(run_dir)
+    anomaly_before = torch.is_anomaly_enabled()
+    try:
+        definition, has_state = _set_up(config, run_dir, env, lock, resume, changes, overwrite)
+        loaders = build_loaders(config, definition, env)
+        step = build_train_step(config, definition, env.device, world_size=env.world_size,
+                                distributed=env.distributed)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(step.optimizer, list(oc.milestones), oc.gamma)
+        start_epoch, start_batch, progress = 0, 0, RunProgress()
+        if has_state:
+            start_epoch, start_batch, progress = restore_checkpoint(run_dir, step, scheduler, oc, env.device)
+            log.info("resumed %s at epoch %d step %d", run_dir, start_epoch, start_batch)
+        steps_per_epoch = loaders.sampler.batches_per_epoch()
+        resumed_at = start_epoch * steps_per_epoch + start_batch if resume else None
+        metrics = _open_metrics(run_dir, env, rt.tensorboard, resumed_at, steps_per_epoch)
+        _log_start(definition, len(loaders.train_set), steps_per_epoch, env, step)
+        budget, stopped = _TimeBudget(rt.time_budget_minutes), ""
+
+        for epoch in range(start_epoch, oc.epochs):
+            first = start_batch if epoch == start_epoch else 0
+            loaders.start_epoch(epoch, skip_batches=first)
+            step.net.train()
+            tally = _EpochTally()
+            bar = _progress(env.is_main, total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{oc.epochs}")
+            i = first
+            for i, batch in enumerate(timed_batches(loaders.train, tally.waited), start=first):
+                result = step(batch)
+                if not result.applied:
+                    progress.skipped = _not_applied(result, batch, epoch, i, rt, progress.skipped)
+                    continue
+                tally.add(result.loss)
+                if (i + 1) % rt.log_every == 0 or i + 1 == steps_per_epoch:
+                    _log_step(metrics, bar, result, step, epoch, i, steps_per_epoch)
+                bar.update(1)
+                if rt.save_every_steps and (i + 1) % rt.save_every_steps == 0 and i + 1 < steps_per_epoch:
+                    _checkpoint(run_dir, env, step, scheduler, progress, epoch, i + 1)
+                if stopped := budget.spent():
+                    break
+            bar.close()
+            # A budget that ends mid-epoch still ends with a validated, saved model: the partial
+            # epoch is validated and saved like a full one, and the state resumes at this step.
+            mid_epoch = bool(stopped) and i + 1 < steps_per_epoch
+            tally.train_seconds = time.monotonic() - tally.started
+            if not mid_epoch:
+                scheduler.step()
+            improved = _validate(step, loaders.val, definition, env, config, progress, metrics, tally, epoch,
+                                 i + 1 if mid_epoch else None, steps_per_epoch)
+            _save_weights(run_dir, env, step, progress.best, improved)
+            if mid_epoch:
+                _checkpoint(run_dir, env, step, scheduler, progress, epoch, i + 1)
+                log.info("stopping: %s (mid-epoch %d: validated and saved at step %d of %d)", stopped,
+                         epoch + 1, i + 1, steps_per_epoch)
+                break
+            _checkpoint(run_dir, env, step, scheduler, progress, epoch + 1, 0)
+            if not stopped and epoch + 1 < oc.epochs:
+                stopped = budget.another_epoch_overruns(epochs_done=epoch + 1 - start_epoch)
+            if stopped:
+                log.info("stopping: %s after epoch %d", stopped, epoch + 1)
+                break
+
+        metrics.close()
+        return _result(run_dir, progress, start_epoch, stopped)
+    except Exception as exc:  # errors a user can fix: one line (rundir.run_failure), not a traceback
+        failure = run_failure(exc, run_dir)
+        if failure is None:
+            raise
+        log.error("%s", failure)
+        raise failure from exc
+    finally:
+        lock.release()
+        torch.autograd.set_detect_anomaly(anomaly_before)
+        distributed.teardown()
+
+
+# --------------------------------------------------------------------------- set-up and resume
+
+
+def _config_to_run(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, list[str]]:
+    """The configuration the run uses, validated, and the changes a resume makes to the saved one."""
+    changes: list[str] = []
+    if resume:
+        # A run continues as it was configured: the saved configuration wins (before any set-up).
+        from ..config import load_yaml
+
+        saved = load_yaml(TrainConfig, run_dir / "config.yaml")
+        config, changes, refused = resume_config(saved, config)
+        if refused:
+            warnings.warn(f"resuming {run_dir} with the configuration saved there; {', '.join(refused)} "
+                          "differ(s) in the one passed in and is ignored", stacklevel=3)
+    config = absolute_paths(config)
+    config.validate()
+    return config, changes
+
+
+def _set_up(config: TrainConfig, run_dir: Path, env: distributed.DistEnv, lock: RunLock, resume: bool,
+            changes: list[str], overwrite: bool) -> tuple[LandmarkDefinition, bool]:
+    """Check the data, then take the folder (lock, clear or keep), start the log, seed torch and save
+    the configuration.  Returns the landmark definition and whether there is a state to resume
+    from (a run killed before its first checkpoint starts from scratch)."""
+    definition = get_definition(config.model.definition)
+    # The data first: a run that cannot start must not have cleared the folder it would use.
+    checked = preflight(config, definition)
+    if env.is_main:
+        lock.acquire()
+        if not resume:
+            prepare_new_run(run_dir, overwrite)
+    distributed.barrier()
+    _setup_logging(run_dir, env.is_main)
+    has_state = start_run(run_dir, lock, env.is_main, resume, changes)
+    torch.manual_seed(config.runtime.seed)
+    torch.autograd.set_detect_anomaly(config.runtime.detect_anomaly)  # restored by train(): no mode left behind
+    log.info("%s", checked)
+    if env.is_main and (not has_state or changes):
+        save_yaml(config, run_dir / "config.yaml")
+    return definition, has_state
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -88,6 +210,26 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
     log.addHandler(sh)
 
 
+def _log_start(definition: LandmarkDefinition, samples: int, steps_per_epoch: int, env: distributed.DistEnv,
+               step: TrainStep) -> None:
+    n_params = sum(p.numel() for p in step.model.parameters())
+    log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
+             definition.name, samples, steps_per_epoch, env.world_size, env.device, n_params / 1e6)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def _open_metrics(run_dir: Path, env: distributed.DistEnv, tensorboard: bool, resumed_at: int | None,
+                  steps_per_epoch: int) -> _Metrics:
+    """metrics.jsonl (and TensorBoard) opened for appending; a resume first drops the records of the
+    steps it will replay (``resumed_at``: the global step it continues from)."""
+    if env.is_main and resumed_at is not None:
+        truncate_metrics(run_dir, resumed_at, steps_per_epoch)
+    purge = None if resumed_at is None else resumed_at + 1  # the first step a resume replays
+    return _Metrics(run_dir, env.is_main, tensorboard, purge_step=purge)
+
+
 class _Metrics:
     """metrics.jsonl plus TensorBoard, written by rank 0 only."""
 
@@ -102,7 +244,7 @@ class _Metrics:
 
                 # purge_step: TensorBoard drops the events of the steps a resume replays (from purge_step on).
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
+            except ImportError:  # tensorboard is an optional extra (staralign[tensorboard])
                 log.warning("tensorboard is not installed: no event files will be written")
 
     def write(self, record: dict[str, Any], step: int) -> None:
@@ -125,440 +267,39 @@ class _Metrics:
             self.tb.close()
 
 
-
-def _check_graphable(env: D.DistEnv) -> None:
-    """``runtime.cuda_graphs`` runs one process on a CUDA device (DDP's collectives are not captured)."""
-    if env.device.type != "cuda" or env.distributed:
-        raise ConfigError("runtime.cuda_graphs needs one process on a CUDA device "
-                          f"(this run: {env.world_size} process(es) on {env.device})")
-
-
-def resolve_targets(targets: str, device: torch.device) -> str:
-    """``data.targets`` made concrete: "auto" is "mixed" on CUDA (there it measured 1.1-1.2x
-    "worker" end to end and level with "device", whose edge rasteriser costs the GPU ~24 ms a
-    batch; docs/benchmarks.md) and "worker" elsewhere (the workers run beside a CPU step)."""
-    if targets == "auto":
-        return "mixed" if device.type == "cuda" else "worker"
-    return targets
-
-
-def needs_target_maps(config: TrainConfig) -> bool:
-    """Whether a step needs point/edge map targets: the model has AAM heads and the loss scores
-    them (``map_weight`` > 0).  Otherwise no one builds them, in the workers or on the device."""
-    return config.model.use_aam and config.loss.map_weight > 0
+def _log_step(metrics: _Metrics, bar: Any, result: StepResult, step: TrainStep, epoch: int, index: int,
+              steps_per_epoch: int) -> None:
+    """A training record (loss, gradient norm, learning rate, loss parts) and the progress bar's figures."""
+    parts = result.parts
+    # One transfer for all parts (not one host sync per part).
+    values = torch.stack([v.detach().float() for v in parts.values()]).tolist() if parts else []
+    part_values = dict(zip(parts, values, strict=True))
+    gstep = epoch * steps_per_epoch + index + 1
+    record = {"kind": "train", "epoch": epoch + 1, "step": index + 1, "global_step": gstep,
+              "loss": result.loss, "grad_norm": result.grad_norm, "lr": current_lr(step.optimizer),
+              **part_values}
+    metrics.write(record, gstep)
+    last = len(result.output.heatmaps) - 1
+    bar.set_postfix(loss=f"{result.loss:.4f}", **{
+        k.split("/")[0][:5]: f"{v:.4f}" for k, v in part_values.items() if k.endswith(f"/{last}")
+    })
+    log.debug("epoch %d step %d loss %.5f", epoch + 1, index + 1, result.loss)
 
 
-def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.DistEnv):
-    """Training and validation datasets and loaders (sharded across processes)."""
-    from ..data.dataset import LandmarkDataset, collate_samples, find_annotation_file, worker_init_fn
-
-    dc, mc = config.data, config.model
-    train_file = find_annotation_file(dc.annot_dir, definition.name, dc.train_file)
-    val_file = find_annotation_file(dc.annot_dir, definition.name, dc.val_file)
-    placement = resolve_targets(dc.targets, env.device)
-    targets = {"worker": "worker", "mixed": "edges"}.get(placement, "none") if needs_target_maps(config) else "none"
-    train_ds = LandmarkDataset(
-        train_file, dc.image_dir, definition, train=True, input_size=mc.input_size,
-        heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets=targets,
-        skip_bad_rows=dc.skip_bad_rows, aug_prob=dc.aug_prob,
-        image_dtype="uint8" if dc.uint8_images else "float32",
-    )
-    val_ds = LandmarkDataset(
-        val_file, dc.image_dir, definition, train=False, input_size=mc.input_size,
-        heatmap_size=mc.heatmap_size, seed=config.runtime.seed, targets="none",
-        skip_bad_rows=dc.skip_bad_rows,
-    )
-    for ds, f in ((train_ds, train_file), (val_ds, val_file)):
-        skipped = getattr(ds, "skipped", [])
-        if skipped:
-            log.warning("%s: skipped %d bad rows (first: %s)", f, len(skipped), skipped[0])
-    global_batch = config.optim.batch_size * env.world_size
-    if len(train_ds) < global_batch:
-        raise ValueError(f"{train_file}: {len(train_ds)} training samples, fewer than one global batch "
-                         f"({global_batch}); lower --batch-size")
-    sampler = D.EpochSampler(len(train_ds), seed=config.runtime.seed, shuffle=True, rank=env.rank,
-                             world_size=env.world_size, batch_size=config.optim.batch_size, drop_last=True)
-    pin = env.device.type == "cuda"
-    workers = dc.workers
-    train_loader = DataLoader(
-        train_ds, batch_size=config.optim.batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=collate_samples, pin_memory=pin, drop_last=True, worker_init_fn=worker_init_fn,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-    )
-    val_indices = list(range(env.rank, len(val_ds), env.world_size))
-    val_loader = DataLoader(
-        torch.utils.data.Subset(val_ds, val_indices), batch_size=dc.val_batch_size, shuffle=False,
-        num_workers=workers, collate_fn=collate_samples, pin_memory=pin, worker_init_fn=worker_init_fn,
-        persistent_workers=workers > 0,
-    )
-    return train_ds, val_ds, train_loader, val_loader, sampler
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
-    """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary.
-
-    A new run refuses a folder that holds one unless ``overwrite``; the folder is locked
-    for the run's duration (:mod:`.rundir`); the data is checked before the first step
-    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows."""
-    from ..data.targets import batch_targets
-    from ..data.transforms import network_input
-    from ..models import build_model, save_model
-    from .evaluator import evaluate_nmes
-    from .graphed import GraphedTrainStep
-
-    run_dir = Path(run_dir)
-    changes: list[str] = []
-    if resume:
-        # A run continues as it was configured: the saved configuration wins (before any set-up).
-        from ..config import load_yaml
-
-        saved = load_yaml(TrainConfig, run_dir / "config.yaml")
-        config, changes, refused = resume_config(saved, config)
-        if refused:
-            warnings.warn(f"resuming {run_dir} with the configuration saved there; {', '.join(refused)} "
-                          "differ(s) in the one passed in and is ignored", stacklevel=2)
-    config = absolute_paths(config)
-    config.validate()
-    env = D.setup(config.runtime.device)
-    rt, oc = config.runtime, config.optim
-    lock = RunLock(run_dir)
-    anomaly_before = torch.is_anomaly_enabled()
-    try:
-        definition = get_definition(config.model.definition)
-        # The data first: a run that cannot start must not have cleared the folder it would use.
-        checked = preflight(config, definition)
-        if env.is_main:
-            lock.acquire()
-            if not resume:
-                prepare_new_run(run_dir, overwrite)
-        D.barrier()
-        _setup_logging(run_dir, env.is_main)
-        resumed_run, resume = resume, start_run(run_dir, lock, env.is_main, resume, changes)
-        torch.manual_seed(rt.seed)
-        if env.device.type == "cuda":
-            torch.backends.cudnn.benchmark = rt.cudnn_benchmark
-        torch.autograd.set_detect_anomaly(rt.detect_anomaly)  # restored in finally: no mode left behind
-
-        log.info("%s", checked)
-        if env.is_main and (not resume or changes):
-            save_yaml(config, run_dir / "config.yaml")
-        train_ds, _, train_loader, val_loader, sampler = build_loaders(config, definition, env)
-        size, hsize = config.model.input_size, config.model.heatmap_size
-
-        model = build_model(config.model, definition).to(env.device)
-        if rt.sync_bn and env.distributed:
-            model = D.convert_sync_batchnorm(model, env.device)
-        if rt.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        decay = oc.ema_decay if oc.ema_decay is not None else default_decay(oc.batch_size * env.world_size)
-        ema = ModelEMA(model, decay) if oc.ema else None
-        criterion = RecipeLoss(config.loss)
-        needs_maps = needs_target_maps(config)
-        if rt.cuda_graphs:
-            _check_graphable(env)
-        optimizer = build_optimizer(model, oc, graphable=rt.cuda_graphs)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(oc.milestones), gamma=oc.gamma)
-        scaler = torch.amp.GradScaler(env.device.type, enabled=rt.amp == "fp16")
-
-        start_epoch, start_step, best, counters = 0, 0, {"nme": math.inf, "epoch": -1, "source": ""}, {}
-        history: list[dict[str, Any]] = []
-        if resume:
-            state = load_state(run_dir, map_location=env.device, complete=True)
-            model.load_state_dict(state["model"])
-            if ema is not None and "ema" in state:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scheduler.milestones, scheduler.gamma = Counter(oc.milestones), oc.gamma  # a resume may change them
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, start_step = state["epoch"], state["step"]
-            best, counters, history = state["best"], state["counters"], state.get("history", [])
-            # A budget stop's partial-epoch record: the resumed epoch records itself when it ends
-            # (as metrics.jsonl is cut back to the resumed step).
-            history = [h for h in history if not h.get("partial_steps")]
-            set_rng_state(state["rng"])
-            log.info("resumed %s at epoch %d step %d", run_dir, start_epoch, start_step)
-
-        net: nn.Module = model
-        if env.distributed:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-            )
-        if rt.compile:
-            net = torch.compile(net)
-            criterion = torch.compile(criterion)  # fuses STAR's many small per-landmark kernels
-
-        steps_per_epoch = sampler.batches_per_epoch()
-        resumed_at = start_epoch * steps_per_epoch + start_step if resumed_run else None
-        if env.is_main and resumed_run:
-            truncate_metrics(run_dir, resumed_at, steps_per_epoch)
-        purge = None if resumed_at is None else resumed_at + 1  # the first step a resume replays
-        metrics = _Metrics(run_dir, env.is_main, rt.tensorboard, purge_step=purge)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("training %s: %d samples, %d steps/epoch, %d processes on %s, %.2fM parameters",
-                 definition.name, len(train_ds), steps_per_epoch, env.world_size, env.device, n_params / 1e6)
-        skipped = int(counters.get("skipped_batches", 0))
-        graphed: GraphedTrainStep | None = None
-        t_start = time.monotonic()
-        budget_s = rt.time_budget_minutes * 60
-        stopped = ""
-
-        def checkpoint(epoch: int, step: int) -> None:
-            """Training state for resuming; rank 0 writes, everyone waits."""
-            if env.is_main:
-                save_state(run_dir, {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch, "step": step, "best": best,
-                    "counters": {"skipped_batches": skipped},
-                    "history": history,
-                    "rng": rng_state(),
-                })
-            D.barrier()
-
-        for epoch in range(start_epoch, oc.epochs):
-            first_step = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, skip_batches=first_step)
-            train_ds.set_epoch(epoch)
-            net.train()
-            sums: dict[str, float] = {}
-            n_logged = 0
-            progress = _progress(env.is_main, total=steps_per_epoch, initial=first_step,
-                                 desc=f"epoch {epoch + 1}/{oc.epochs}")
-            t_epoch = time.monotonic()
-            step = first_step
-            waited = [0.0]  # seconds the loop blocked on the loader this epoch
-            for step, batch in enumerate(_timed(train_loader, waited), start=first_step):
-                images = batch["image"].to(env.device, non_blocking=True)
-                landmarks = batch["landmarks"].to(env.device, non_blocking=True)
-                pointmaps, edgemaps = (batch_targets(batch, definition, size, hsize, env.device)
-                                       if needs_maps else (None, None))
-                if rt.cuda_graphs:
-                    if graphed is None:  # captured from the first batch, after any resume
-                        t_capture = time.monotonic()
-                        graphed = GraphedTrainStep(net, model, criterion, optimizer, ema, images, landmarks,
-                                                   pointmaps, edgemaps, amp=rt.amp, grad_clip=oc.grad_clip,
-                                                   channels_last=rt.channels_last,
-                                                   capture=env.device.type == "cuda")
-                        log.info("training step captured as a CUDA graph (%.1f s)", time.monotonic() - t_capture)
-                    res = graphed(images, landmarks, pointmaps, edgemaps)
-                else:
-                    res = train_step(net, model, criterion, optimizer, scaler, ema,
-                                     network_input(images, rt.channels_last), landmarks, pointmaps, edgemaps,
-                                     amp=rt.amp, grad_clip=oc.grad_clip)
-                loss_v, gnorm_v, parts = res.loss, res.grad_norm, res.parts
-                if not res.applied:
-                    msg = (f"non-finite loss {loss_v} / gradient norm {gnorm_v} at epoch {epoch + 1} step {step} "
-                           f"(parts: {_fmt_parts(parts)}; images: {list(batch.get('image_path', []))[:4]})")
-                    if rt.on_nonfinite == "stop":
-                        log.error("%s; stopping without applying it (last checkpoint is intact)", msg)
-                        raise NonFiniteLossError(msg)
-                    skipped += 1
-                    log.warning("%s; batch skipped (%d so far)", msg, skipped)
-                    if skipped > rt.max_skipped:
-                        raise NonFiniteLossError(f"more than {rt.max_skipped} batches skipped for non-finite loss")
-                    continue
-
-                n_logged += 1
-                sums["loss"] = sums.get("loss", 0.0) + loss_v
-                if (step + 1) % rt.log_every == 0 or step + 1 == steps_per_epoch:
-                    # One transfer for all parts (not one host sync per part).
-                    values = torch.stack([v.detach().float() for v in parts.values()]).tolist() if parts else []
-                    part_values = dict(zip(parts, values, strict=True))
-                    gstep = epoch * steps_per_epoch + step + 1
-                    record = {"kind": "train", "epoch": epoch + 1, "step": step + 1, "global_step": gstep,
-                              "loss": loss_v, "grad_norm": gnorm_v, "lr": current_lr(optimizer),
-                              **part_values}
-                    metrics.write(record, gstep)
-                    last = len(res.output.heatmaps) - 1
-                    progress.set_postfix(loss=f"{loss_v:.4f}", **{
-                        k.split("/")[0][:5]: f"{v:.4f}" for k, v in part_values.items() if k.endswith(f"/{last}")
-                    })
-                    log.debug("epoch %d step %d loss %.5f", epoch + 1, step + 1, loss_v)
-                progress.update(1)
-                if rt.save_every_steps and (step + 1) % rt.save_every_steps == 0 and step + 1 < steps_per_epoch:
-                    checkpoint(epoch, step + 1)
-                if budget_s and time.monotonic() - t_start > budget_s:
-                    stopped = f"time budget of {rt.time_budget_minutes:g} min reached"
-                    break
-            progress.close()
-            # A budget that ends mid-epoch still ends with a validated, saved model: the partial
-            # epoch is validated and saved like a full one, and the state resumes at this step.
-            mid_epoch = bool(stopped) and step + 1 < steps_per_epoch
-
-            train_seconds = time.monotonic() - t_epoch
-            # Images per second over the epoch's training steps (all processes), data loading included.
-            images_per_s = n_logged * oc.batch_size * env.world_size / max(train_seconds, 1e-9)
-            if not mid_epoch:
-                scheduler.step()
-            scored = {"model": unwrap(model)} | ({"ema": ema.module} if ema is not None else {})
-            val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp, channels_last=rt.channels_last)
-            improved = False
-            for source, nme in val.items():
-                if nme < best["nme"]:
-                    best = {"nme": nme, "epoch": epoch + 1, "source": source}
-                    improved = True
-            record = {"kind": "val", "epoch": epoch + 1, "nme": val["model"], "nme_ema": val.get("ema"),
-                      "best_nme": best["nme"], "best_epoch": best["epoch"],
-                      "train_loss": sums.get("loss", 0.0) / max(n_logged, 1),
-                      "epoch_seconds": time.monotonic() - t_epoch, "train_seconds": train_seconds,
-                      "images_per_s": images_per_s, "data_wait_seconds": waited[0],
-                      "skipped_batches": skipped,
-                      "lr": current_lr(optimizer)} | ({"partial_steps": step + 1} if mid_epoch else {})
-            history.append(record)
-            metrics.write(record, (epoch + 1) * steps_per_epoch)
-            log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s "
-                     "(%.1f images/s, %.1f s waiting for data)",
-                     epoch + 1, oc.epochs, record["train_loss"], val["model"],
-                     f", EMA {val['ema']:.4f}" if "ema" in val else "", best["nme"], best["epoch"],
-                     best["source"], record["epoch_seconds"], images_per_s, waited[0])
-            if env.is_main:
-                save_model(model, run_dir / "last.safetensors")
-                if ema is not None:
-                    save_model(ema.module, run_dir / "last_ema.safetensors")
-                if improved:
-                    src = ema.module if best["source"] == "ema" else model
-                    save_model(src, run_dir / "best.safetensors")
-            if mid_epoch:
-                checkpoint(epoch, step + 1)
-                log.info("stopping: %s (mid-epoch %d: validated and saved at step %d of %d)", stopped,
-                         epoch + 1, step + 1, steps_per_epoch)
-                break
-            checkpoint(epoch + 1, 0)
-            if not stopped and budget_s and epoch + 1 < oc.epochs:
-                # Stop at an epoch boundary when another epoch (at the mean pace so far,
-                # validation included) would overrun the budget.
-                done = epoch + 1 - start_epoch
-                elapsed = time.monotonic() - t_start
-                if elapsed + elapsed / done > budget_s:
-                    stopped = f"time budget of {rt.time_budget_minutes:g} min: another epoch would not fit"
-            if stopped:
-                log.info("stopping: %s after epoch %d", stopped, epoch + 1)
-                break
-
-        metrics.close()
-        epochs_done = history[-1]["epoch"] if history else start_epoch
-        last_val = {k: v for k, v in (history[-1].items() if history else []) if k in ("nme", "nme_ema")}
-        return TrainResult(run_dir, epochs_done, best["nme"], best["epoch"], best["source"], last_val,
-                           skipped, stopped, history)
-    except Exception as exc:  # errors a user can fix: one line (rundir.run_failure), not a traceback
-        failure = run_failure(exc, run_dir)
-        if failure is None:
-            raise
-        log.error("%s", failure)
-        raise failure from exc
-    finally:
-        lock.release()
-        torch.autograd.set_detect_anomaly(anomaly_before)
-        D.teardown()
-
-
-@dataclass
-class StepResult:
-    """One optimisation step: its loss and gradient norm (host floats), loss parts, output, and
-    whether it was applied (it is not when the loss or gradient norm is not finite)."""
-
-    loss: float
-    grad_norm: float
-    parts: dict[str, torch.Tensor]
-    output: Any
-    applied: bool
-
-
-def train_step(
-    net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, ema: ModelEMA | None, images: torch.Tensor, landmarks: torch.Tensor,
-    pointmaps: torch.Tensor | None, edgemaps: torch.Tensor | None, *, amp: str = "none", grad_clip: float = 0.0,
-) -> StepResult:
-    """Forward, the loss over all stacks, backward, gradient clipping, then -- only if the loss and
-    gradient norm are finite -- the optimiser step and the EMA update.  ``net`` is what runs the
-    forward (``model`` possibly wrapped by DDP or torch.compile).  The one step the trainer runs
-    and ``staralign bench train`` times (:class:`~staralign.engine.graphed.GraphedTrainStep` is
-    the same step captured as a CUDA graph)."""
-    optimizer.zero_grad(set_to_none=True)
-    output, loss, gnorm, parts = forward_backward(net, model, criterion, optimizer, scaler, images, landmarks,
-                                                  pointmaps, edgemaps, amp=amp, grad_clip=grad_clip)
-    # One host sync per step: the loss and gradient norm must be finite before anything is
-    # applied (the progress bar needs the values anyway).  Under fp16 an infinite norm is the
-    # scaler's business: it skips that update itself and lowers the scale.
-    loss_v, gnorm_v = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
-    applied = math.isfinite(loss_v) and (math.isfinite(gnorm_v) or amp == "fp16")
-    if applied:
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model)
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_v, gnorm_v, parts, output, applied)
-
-
-def forward_backward(
-    net: nn.Module, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, images: torch.Tensor, landmarks: torch.Tensor,
-    pointmaps: torch.Tensor | None, edgemaps: torch.Tensor | None, *, amp: str = "none", grad_clip: float = 0.0,
-) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The device work of a step up to the update: (output, loss, gradient norm, loss parts).
-    Gradients are written into ``model``'s ``.grad`` (clipped when ``grad_clip`` > 0); nothing
-    here waits for the device."""
-    with autocast(images.device, amp):
-        output = net(images)
-    loss, parts = criterion(output, landmarks, pointmaps, edgemaps)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), rt_clip(grad_clip), error_if_nonfinite=False)
-    return output, loss, gnorm, parts
-
-
-def _timed(loader, waited: list[float]):
-    """Iterate ``loader``, adding the time spent waiting for each batch to ``waited[0]``.
-
-    The step ends with a host sync, so this is time the device had no work from us: a
-    loader that keeps up shows near zero (reported per epoch as ``data_wait_seconds``)."""
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        waited[0] += time.perf_counter() - t
-        yield batch
-
-
-def build_optimizer(model: nn.Module, oc, graphable: bool = False) -> torch.optim.Optimizer:
-    """Adam as the original (no weight decay unless asked), or AdamW / SGD with momentum.
-
-    ``graphable``: an Adam/AdamW that can run inside a CUDA graph -- fused (it skips its
-    update on the device when told to), capturable, and with the learning rate in a device
-    tensor so that the schedule reaches a captured step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if oc.optimizer == "sgd":
-        if graphable:
-            raise ValueError("runtime.cuda_graphs needs optim.optimizer adam or adamw, not sgd")
-        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
-    cls = torch.optim.AdamW if oc.optimizer == "adamw" else torch.optim.Adam
-    if graphable:
-        lr = torch.tensor(float(oc.lr), device=params[0].device)
-        return cls(params, lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, fused=True, capturable=True)
-    return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-
-
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The first group's learning rate as a float (a graphable optimiser keeps it in a tensor)."""
-    return float(optimizer.param_groups[0]["lr"])
-
-
-def rt_clip(value: float) -> float:
-    """``clip_grad_norm_`` threshold: infinite when clipping is off (the norm is still measured)."""
-    return value if value > 0 else math.inf
+def _not_applied(result: StepResult, batch: dict[str, Any], epoch: int, index: int, rt: RuntimeConfig,
+                 skipped: int) -> int:
+    """A step left unapplied for a non-finite loss or gradient: stop the run (``runtime.on_nonfinite``
+    "stop") or count the batch as skipped, up to ``runtime.max_skipped``; returns the new count."""
+    msg = (f"non-finite loss {result.loss} / gradient norm {result.grad_norm} at epoch {epoch + 1} step {index} "
+           f"(parts: {_fmt_parts(result.parts)}; images: {list(batch.get('image_path', []))[:4]})")
+    if rt.on_nonfinite == "stop":
+        log.error("%s; stopping without applying it (last checkpoint is intact)", msg)
+        raise NonFiniteLossError(msg)
+    skipped += 1
+    log.warning("%s; batch skipped (%d so far)", msg, skipped)
+    if skipped > rt.max_skipped:
+        raise NonFiniteLossError(f"more than {rt.max_skipped} batches skipped for non-finite loss")
+    return skipped
 
 
 def _fmt_parts(parts: dict[str, torch.Tensor]) -> str:
@@ -570,3 +311,108 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     from ..progress import progress
 
     return progress(total, desc, "step", initial=initial, enabled=enabled)
+
+
+# --------------------------------------------------------------------------- validation and checkpoints
+
+
+@dataclass
+class _EpochTally:
+    """One epoch's training figures, for its validation record."""
+
+    started: float = field(default_factory=time.monotonic)
+    loss_sum: float = 0.0
+    steps: int = 0  # applied steps
+    waited: list[float] = field(default_factory=lambda: [0.0])  # seconds the loop blocked on the loader
+    train_seconds: float = 0.0
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+
+def _validate(step: TrainStep, val_loader: Any, definition: LandmarkDefinition, env: distributed.DistEnv,
+              config: TrainConfig, progress: RunProgress, metrics: _Metrics, tally: _EpochTally, epoch: int,
+              partial_steps: int | None, steps_per_epoch: int) -> bool:
+    """Validate the model and its EMA (last stack's NME), keep the best, record and log the epoch
+    (``partial_steps``: the steps of an epoch a time budget cut short).  Returns whether the best improved."""
+    from ..models.checkpoint import unwrap
+    from .evaluator import evaluate_nmes
+
+    rt, oc = config.runtime, config.optim
+    # Images per second over the epoch's training steps (all processes), data loading included.
+    images_per_s = tally.steps * oc.batch_size * env.world_size / max(tally.train_seconds, 1e-9)
+    scored = {"model": unwrap(step.model)} | ({"ema": step.ema.module} if step.ema is not None else {})
+    val = evaluate_nmes(scored, val_loader, definition, env.device, rt.amp, channels_last=rt.channels_last)
+    improved = progress.update_best(val, epoch + 1)
+    best = progress.best
+    record = {"kind": "val", "epoch": epoch + 1, "nme": val["model"], "nme_ema": val.get("ema"),
+              "best_nme": best["nme"], "best_epoch": best["epoch"],
+              "train_loss": tally.loss_sum / max(tally.steps, 1),
+              "epoch_seconds": time.monotonic() - tally.started, "train_seconds": tally.train_seconds,
+              "images_per_s": images_per_s, "data_wait_seconds": tally.waited[0],
+              "skipped_batches": progress.skipped,
+              "lr": current_lr(step.optimizer)} | ({"partial_steps": partial_steps} if partial_steps else {})
+    progress.history.append(record)
+    metrics.write(record, (epoch + 1) * steps_per_epoch)
+    log.info("epoch %d/%d: loss %.4f, NME %.4f%s, best %.4f (epoch %d, %s), %.0f s "
+             "(%.1f images/s, %.1f s waiting for data)",
+             epoch + 1, oc.epochs, record["train_loss"], val["model"],
+             f", EMA {val['ema']:.4f}" if "ema" in val else "", best["nme"], best["epoch"],
+             best["source"], record["epoch_seconds"], images_per_s, tally.waited[0])
+    return improved
+
+
+def _save_weights(run_dir: Path, env: distributed.DistEnv, step: TrainStep, best: dict[str, Any],
+                  improved: bool) -> None:
+    """last.safetensors (and last_ema), and best.safetensors when this epoch improved on the best."""
+    from ..models import save_model
+
+    if not env.is_main:
+        return
+    save_model(step.model, run_dir / "last.safetensors")
+    if step.ema is not None:
+        save_model(step.ema.module, run_dir / "last_ema.safetensors")
+    if improved:
+        src = step.ema.module if best["source"] == "ema" else step.model
+        save_model(src, run_dir / "best.safetensors")
+
+
+def _checkpoint(run_dir: Path, env: distributed.DistEnv, step: TrainStep, scheduler: LRScheduler,
+                progress: RunProgress, epoch: int, batch: int) -> None:
+    """Training state for resuming at batch ``batch`` of ``epoch``; rank 0 writes, everyone waits."""
+    if env.is_main:
+        save_checkpoint(run_dir, step, scheduler, progress, epoch, batch)
+    distributed.barrier()
+
+
+class _TimeBudget:
+    """``runtime.time_budget_minutes`` (0: none), counted from the first step: the run stops once
+    it is spent, or at an epoch's end when another epoch would not fit."""
+
+    def __init__(self, minutes: float) -> None:
+        self.minutes, self.seconds, self.start = minutes, minutes * 60, time.monotonic()
+
+    def spent(self) -> str:
+        """Why to stop now ("" to go on)."""
+        if self.seconds and time.monotonic() - self.start > self.seconds:
+            return f"time budget of {self.minutes:g} min reached"
+        return ""
+
+    def another_epoch_overruns(self, epochs_done: int) -> str:
+        """Why to stop at this epoch boundary ("" to go on): another epoch, at the mean pace of the
+        ``epochs_done`` so far (validation included), would overrun the budget."""
+        if not self.seconds:
+            return ""
+        elapsed = time.monotonic() - self.start
+        if elapsed + elapsed / epochs_done > self.seconds:
+            return f"time budget of {self.minutes:g} min: another epoch would not fit"
+        return ""
+
+
+def _result(run_dir: Path, progress: RunProgress, start_epoch: int, stopped: str) -> TrainResult:
+    history, best = progress.history, progress.best
+    epochs_done = history[-1]["epoch"] if history else start_epoch
+    last_val = {k: v for k, v in (history[-1].items() if history else []) if k in ("nme", "nme_ema")}
+    return TrainResult(run_dir, epochs_done, best["nme"], best["epoch"], best["source"], last_val,
+                       progress.skipped, stopped, history)

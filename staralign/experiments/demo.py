@@ -199,7 +199,7 @@ def measure_machine(config, device: str, workdir: Path, clock: Callable[[], floa
     from ..definitions import get_definition
     from ..devices import resolve_device
     from ..engine.ema import ModelEMA
-    from ..engine.trainer import build_optimizer, needs_target_maps, train_step
+    from ..engine.step import build_optimizer, needs_target_maps, train_step
     from ..losses.recipe import RecipeLoss
     from ..models import build_model
     from .common import IMAGE_SIZE

@@ -55,7 +55,7 @@ class TorchBackend:
 
     def run(self, batch: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Landmarks (B, N, 2) and, with ``ambiguity``, covariances (B, N, 2, 2), normalised units."""
-        from ..models.speed import autocast
+        from ..precision import autocast
 
         with torch.inference_mode():
             images = torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device)

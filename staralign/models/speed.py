@@ -1,4 +1,4 @@
-"""Inference speed paths: channels_last, autocast, torch.compile and CUDA graphs.
+"""Inference speed paths: channels_last, autocast (:mod:`staralign.precision`), torch.compile and CUDA graphs.
 
 Each path is optional and independent; ``make_inference_fn`` chains the ones
 asked for into a callable ``images -> StarOutput`` (last stack only).  None of
@@ -8,40 +8,21 @@ against the float32 eager model with ``max_landmark_difference``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..precision import autocast
 from .hourglass import StarOutput
 
 __all__ = [
-    "AMP_DTYPES",
     "CudaGraphRunner",
-    "autocast",
     "make_inference_fn",
     "max_landmark_difference",
 ]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 InferenceFn = Callable[[Tensor], StarOutput]
-
-
-def autocast(device: torch.device | str, amp: str | None) -> contextlib.AbstractContextManager:
-    """Mixed precision for ``amp`` in ``AMP_DTYPES`` (or nothing when None).
-
-    The weight-cast cache is off: each weight is used once per forward, so it
-    saves nothing, and a cache filled during CUDA graph capture would be freed
-    under the graph.
-    """
-    if amp in (None, "", "none"):
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=AMP_DTYPES[amp], cache_enabled=False)
 
 
 class CudaGraphRunner:
