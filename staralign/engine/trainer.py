@@ -198,12 +198,13 @@ def build_loaders(config: TrainConfig, definition: LandmarkDefinition, env: D.Di
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, saved: TrainConfig | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary.
 
     A new run refuses a folder that holds one unless ``overwrite``; the folder is locked
     for the run's duration (:mod:`.rundir`); the data is checked before the first step
-    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows."""
+    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows.  ``saved``:
+    the run's ``config.yaml`` when the caller has read it already (else it is read here)."""
     from ..data.targets import batch_targets
     from ..data.transforms import network_input
     from ..models import build_model, save_model
@@ -216,7 +217,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         # A run continues as it was configured: the saved configuration wins (before any set-up).
         from ..config import load_yaml
 
-        saved = load_yaml(TrainConfig, run_dir / "config.yaml")
+        if saved is None:
+            saved = load_yaml(TrainConfig, run_dir / "config.yaml")
         config, changes, refused = resume_config(saved, config)
         if refused:
             warnings.warn(f"resuming {run_dir} with the configuration saved there; {', '.join(refused)} "
