@@ -124,7 +124,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` to the ``staralign`` parser."""
     p = sub.add_parser("train", help="train a model (one process, or many with torchrun)",
                        description="Train a model (one process, or many with torchrun).  Settings come from "
                                    "--preset, then --config FILE.yaml over it, then the flags below over both; "
