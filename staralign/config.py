@@ -182,7 +182,8 @@ class LossConfig:
     # star (v2) | star_v1 on the fused heatmaps; smoothl1 | l1 | l2 | wing on their soft-argmax;
     # none: no landmark loss, the AWing terms on the point/edge maps alone (the CLI's "awing").
     kind: Literal["star", "star_v1", "smoothl1", "l1", "l2", "wing", "none"] = setting(
-        "star", "landmark loss (awing: none, the AWing terms on the point/edge maps alone)",
+        "star", "landmark loss (awing: no landmark loss, the AWing terms on the point/edge maps alone; "
+        "kind none in a config file)",
         flag=Flag(("--loss",), spellings=(("awing", "none"),)))
     star_w: float = setting(1.0, "weight of STAR's eigenvalue penalty", flag=True)
     star_dist: Literal["smoothl1", "l1", "l2", "wing"] = setting(

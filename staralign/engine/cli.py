@@ -129,7 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (one process, or many with torchrun)",
                        description="Train a model (one process, or many with torchrun).  Settings come from "
                                    "--preset, then --config FILE.yaml over it, then the flags below over both; "
-                                   "a flag without a default shown keeps the preset's value.  The run folder "
-                                   "(--out) holds the configuration, logs and checkpoints (docs/training.md).")
+                                   "a flag without a default shown keeps the preset's value.  Each group of "
+                                   "flags is a section of the configuration and each flag one of its fields "
+                                   "(--lr sets optim.lr).  The run folder (--out) holds the configuration, logs "
+                                   "and checkpoints (docs/training.md).")
     _add_train_arguments(p)
     p.set_defaults(func=run_train)
