@@ -790,6 +790,7 @@ def bench_video(args) -> dict:
 
 
 def register(sub) -> None:
+    """Add ``bench`` and a sub-command per benchmark in ``BENCHES`` to the ``staralign`` parser."""
     from .cli import plain_doc
 
     p = sub.add_parser("bench", help="speed benchmarks (JSON output)",
@@ -805,7 +806,14 @@ def register(sub) -> None:
                         help="intra-op CPU threads for torch and onnxruntime (default: the cores this process "
                              "may use, from its affinity and cgroup quota); recorded in the JSON")
         add_arguments(bp)
-        bp.set_defaults(func=lambda a, _run=run: emit(_with_threads(_run, a), a.json) or 0)
+        bp.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    """``staralign bench NAME``: run the named benchmark and print its result."""
+    _, run = BENCHES[args.bench_name]
+    emit(_with_threads(run, args), args.json)
+    return 0
 
 
 def _with_threads(run: Callable, args) -> dict:

@@ -1,9 +1,21 @@
 """The ``staralign`` command line.
 
-Each feature area owns its sub-command: a module listed in ``COMMAND_MODULES``
-defines ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed arguments and returning an exit status.  Modules keep
-heavy imports inside their run functions so ``staralign --help`` stays quick.
+Each feature area owns its commands, and every command is added one way.  A module
+listed in ``COMMAND_MODULES`` defines ``register(subparsers)``, which for each of its
+commands
+
+1. adds the parser: ``p = subparsers.add_parser(NAME, help=..., description=...)``
+   (without a description, the help line is shown as one);
+2. adds its arguments (inline, or through a helper such as a tool module's
+   ``add_arguments(p)``; ``staralign train``'s come from the config fields,
+   :mod:`staralign.config_flags`);
+3. names what runs it: ``p.set_defaults(func=RUN)``, ``RUN(args) -> int`` a named
+   module-level function returning the exit status.
+
+A command with tools under it (``data``, ``bench``, ``experiment``, ``models``) gives
+its parser sub-parsers in the same ``register`` and adds each tool by the same three
+steps.  Modules keep heavy imports inside the ``RUN`` functions so ``staralign --help``
+stays quick, and report what the user can fix by raising :class:`UserError`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import TrainConfig, from_dict, to_dict
 
-__all__ = ["RESUMABLE", "RESUMABLE_FLAGS", "absolute_paths", "resume_config"]
+__all__ = ["RESUMABLE", "absolute_paths", "resume_config"]
 
 # (section, field) of TrainConfig that a resume may change.
 RESUMABLE = (
@@ -27,9 +27,6 @@ RESUMABLE = (
     ("runtime", "device"), ("runtime", "save_every_steps"), ("runtime", "time_budget_minutes"),
     ("runtime", "log_every"),
 )
-# The argparse destinations of ``staralign train`` that set them.
-RESUMABLE_FLAGS = ("epochs", "workers", "image_dir", "annot_dir", "device", "save_every_steps",
-                   "time_budget_minutes")
 
 
 def _looks_like_path(value: str) -> bool:

@@ -66,14 +66,15 @@ class TrainResult:
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, saved: TrainConfig | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in ``run_dir``; returns a summary.
 
     A new run refuses a folder that holds one unless ``overwrite``; the folder is locked
     for the run's duration (:mod:`.rundir`); the data is checked before the first step
-    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows."""
+    (:mod:`.preflight`); a resume may change the settings :mod:`.resume` allows.  ``saved``:
+    the run's ``config.yaml`` when the caller has read it already (else it is read here)."""
     run_dir = Path(run_dir)
-    config, changes = _config_to_run(config, run_dir, resume)
+    config, changes = _config_to_run(config, run_dir, resume, saved)
     env = distributed.setup(config.runtime.device)
     rt, oc = config.runtime, config.optim
     lock = RunLock(run_dir)
@@ -153,14 +154,16 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
 # --------------------------------------------------------------------------- set-up and resume
 
 
-def _config_to_run(config: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, list[str]]:
+def _config_to_run(config: TrainConfig, run_dir: Path, resume: bool,
+                   saved: TrainConfig | None) -> tuple[TrainConfig, list[str]]:
     """The configuration the run uses, validated, and the changes a resume makes to the saved one."""
     changes: list[str] = []
     if resume:
         # A run continues as it was configured: the saved configuration wins (before any set-up).
         from ..config import load_yaml
 
-        saved = load_yaml(TrainConfig, run_dir / "config.yaml")
+        if saved is None:
+            saved = load_yaml(TrainConfig, run_dir / "config.yaml")
         config, changes, refused = resume_config(saved, config)
         if refused:
             warnings.warn(f"resuming {run_dir} with the configuration saved there; {', '.join(refused)} "

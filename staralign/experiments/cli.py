@@ -1,4 +1,4 @@
-"""``staralign demo`` and ``staralign experiment ambiguity``."""
+"""``staralign demo`` and ``staralign experiment ambiguity`` / ``stability``."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def _run_stability(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` and ``experiment`` (``ambiguity``, ``stability``) to the ``staralign`` parser."""
     p = sub.add_parser(
         "demo", help="draw synthetic faces, train the tiny preset, evaluate, write a report",
         description="The whole job on this machine within a time budget: measure the machine, draw a "

@@ -21,13 +21,14 @@ from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
 
 __all__ = ["register", "run_export", "run_predict"]
 
-DETECTOR_CHOICES = ("yunet", "opencv", "none", "dlib", "mediapipe")
 CALIBRATION_CROPS = 64  # synthetic faces the int8 ranges are calibrated on
 HELD_OUT_CROPS = 32  # and others it is checked on
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``predict`` and ``export`` to the ``staralign`` parser."""
+    from .faces import DETECTOR_NAMES
+
     p = subparsers.add_parser(
         "predict", help="find faces and landmarks in images, folders and videos",
         description="Find faces and their landmarks in images, folders (searched recursively) and "
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image, video or folder")
     p.add_argument("--weights", metavar="NAME|FILE",
                    help=f"{WEIGHTS_HELP}, or an exported .onnx (no torch needed); default: {DEFAULT_MODEL}")
-    p.add_argument("--detector", choices=DETECTOR_CHOICES, default="yunet",
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="yunet",
                    help="face detector: yunet (OpenCV's YuNet, a 229 kB file downloaded once; falls back to "
                         "opencv with a warning when it cannot be had), opencv (Haar cascade, no download), "
                         "none (each image is one cropped face), dlib or mediapipe (if installed)")

@@ -53,6 +53,7 @@ from .geometry import Box, whole_image_box
 
 __all__ = [
     "DETECTORS",
+    "DETECTOR_NAMES",
     "BoxFraming",
     "DlibDetector",
     "FaceDetector",
@@ -530,6 +531,7 @@ DETECTORS: dict[str, Callable[..., FaceDetector]] = {
     "dlib": DlibDetector,
     "mediapipe": MediaPipeDetector,
 }
+DETECTOR_NAMES = tuple(DETECTORS)  # the names get_face_detector takes (the CLIs' --detector choices)
 
 
 def get_face_detector(detector: str | FaceDetector | None = "yunet", **options: Any) -> FaceDetector:

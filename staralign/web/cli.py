@@ -21,7 +21,7 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``staralign`` parser."""
     from ..hub import DEFAULT_MODEL, WEIGHTS_HELP
-    from ..inference.cli import DETECTOR_CHOICES
+    from ..inference.faces import DETECTOR_NAMES
 
     p = subparsers.add_parser(
         "serve", help="a local web page to try a model: upload a photo or use the webcam",
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--detector", choices=DETECTOR_CHOICES, default="yunet",
+    p.add_argument("--detector", choices=DETECTOR_NAMES, default="yunet",
                    help="default face detector (the page can choose another per image): yunet (downloaded "
                         "once; falls back to opencv with a warning), opencv (Haar cascade), "
                         "none (the whole image is one face), "

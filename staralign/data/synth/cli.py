@@ -1,20 +1,20 @@
 """``staralign data synth``: write a synthetic dataset from the command line.
 
-Kept free of heavy imports (OpenCV, numpy) until ``run`` is called, so building the
-``staralign`` argument parser stays quick.
+The image formats offered are the writer's own (:data:`.dataset.IMAGE_FORMATS`); the
+rest of the generator is imported only when ``run`` is called.
 """
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["IMAGE_FORMATS", "add_arguments", "run"]
-
-IMAGE_FORMATS = ("jpg", "png")
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``staralign data synth``."""
+    from .dataset import IMAGE_FORMATS
+
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--train", type=int, default=1000, help="training faces (default 1000)")
     parser.add_argument("--test", type=int, default=200, help="test faces (default 200)")

@@ -32,20 +32,23 @@ import yaml
 from ..._io import atomic_write
 from ...definitions import get_definition
 from ..annotations import WFLW_TAGS, Annotation, five_points_from_landmarks, write_annotations
-from .cli import IMAGE_FORMATS
 from .geometry import CORNER_IDS, PUPIL_IDS
 from .labels import CORNER_FACTOR, ambiguous_landmarks
 from .params import TAG_THRESHOLDS
 from .render import render_face
 
-__all__ = ["GENERATOR_VERSION", "SPLITS", "generate_dataset", "make_sample", "sample_rngs"]
+__all__ = ["GENERATOR_VERSION", "IMAGE_FORMATS", "SPLITS", "generate_dataset", "make_sample", "sample_rngs"]
 
 # Bump when a change makes the same (seed, split, i) render differently.
 GENERATOR_VERSION = 1
 SPLITS = {"train": 0, "test": 1}
-_JPEG_PARAMS = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+# The image files the writer can make, with the encoder settings of each: JPEG at quality
+# 95 without chroma subsampling (4:4:4), or lossless PNG at the fastest compression.
+_ENCODER_PARAMS = {
+    "jpg": [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
+    "png": [cv2.IMWRITE_PNG_COMPRESSION, 1],
+}
+IMAGE_FORMATS = tuple(_ENCODER_PARAMS)
 
 
 def sample_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator,
@@ -73,7 +76,7 @@ def make_sample(seed: int, split: str, index: int, size: int = 256,
 
 
 def _encode(image: np.ndarray, fmt: str) -> bytes:
-    ok, buf = cv2.imencode("." + fmt, image, _JPEG_PARAMS if fmt == "jpg" else _PNG_PARAMS)
+    ok, buf = cv2.imencode("." + fmt, image, _ENCODER_PARAMS[fmt])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {fmt} image")
     return buf.tobytes()
