@@ -21,7 +21,7 @@ if [ "$DEVICE" = cuda ]; then
   timeout 150 python3 -m pytest -q -rA -p no:cacheprovider tests/test_graphed_step.py tests/test_engine.py tests/test_model_speed.py \
     -k cuda > "$OUT/pytest_cuda.txt" 2>&1; tail -n 3 "$OUT/pytest_cuda.txt"
 fi
-T="bench train --device $DEVICE --batch-size $B $M --targets none --cudnn-benchmark --json"
+T="bench train --device $DEVICE --batch-size $B $M --targets worker --cudnn-benchmark --json"
 j step_fp32 $SA $T
 j step_fp32_graph $SA $T --cuda-graphs
 j step_bf16_cl_graph $SA $T --cuda-graphs --amp bf16 --channels-last

@@ -12,7 +12,7 @@ j() { "$@" 2>>"$OUT/suite.log" | tail -n 1 >> "$LOG"; echo "done: $*" >> "$OUT/s
 j $SA bench loss --device $DEVICE --batch-size $B --no-baseline --json
 j $SA bench loss --device $DEVICE --batch-size $B --no-baseline --compile --json
 for opts in "" "--amp bf16" "--channels-last" "--amp bf16 --channels-last"; do
-  j $SA bench train --device $DEVICE --batch-size $B $M $IT --targets none --cudnn-benchmark $opts --json
+  j $SA bench train --device $DEVICE --batch-size $B $M $IT --targets worker --cudnn-benchmark $opts --json
 done
 $SA data synth --out "$OUT/synth" --train $N --test 64 --size 256 --workers $WK --quiet 2>>"$OUT/suite.log"
 printf 'optim: {epochs: 2, batch_size: %s}\ndata: {workers: %s, val_batch_size: 64, targets: worker}\nruntime: {cudnn_benchmark: true, tensorboard: false, log_every: 50}\n' $B $WK > "$OUT/e2e.yaml"

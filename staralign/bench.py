@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .config import AMP_MODES
 from .timing import device_info, resolve_device, time_fn
 
 BENCHES: dict[str, tuple[Callable, Callable]] = {}
@@ -530,7 +531,7 @@ def _train_args(p) -> None:
     p.add_argument("--nlevels", type=int, default=4, help="depth of each hourglass")
     p.add_argument("--channels", type=int, default=256, help="feature channels of the network")
     p.add_argument("--input-size", type=int, default=256, help="side of the input crop, pixels")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast precision")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast precision")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the network and the loss")
     p.add_argument("--cuda-graphs", action="store_true", help="the step captured as one CUDA graph, as the "
@@ -541,9 +542,9 @@ def _train_args(p) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median and spread reported)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a few steps: wall time against the device's kernel time, top kernels")
-    p.add_argument("--targets", choices=["device", "none"], default="device",
-                   help="build point/edge map targets on the device every step, or once up front "
-                        "(as when loader workers build them)")
+    p.add_argument("--targets", choices=("device", "worker"), default="device",
+                   help="where point/edge map targets are built, in train's words: on the device every "
+                        "step, or by the loader workers (here: once up front, so the step is timed alone)")
     p.add_argument("--original-style", action="store_true",
                    help="the original's costs: anomaly detection on, a Python loop per tensor for the EMA, "
                         "STAR's eigen-decomposition on the CPU (same network and maths)")
@@ -623,7 +624,7 @@ def bench_train(args) -> dict:
     base = torch.rand(definition.num_points, 2, generator=gen) * 0.5 + 0.25
     points = ((base + 0.02 * torch.randn(b, definition.num_points, 2, generator=gen)) * size).to(device)
     batch = {"image": images, "landmarks": normalize_points(points, size), "points": points}
-    if args.targets == "none":  # the maps built once, as if a loader built them; "device": every step
+    if args.targets == "worker":  # the maps built once, as if a loader built them; "device": every step
         batch.update(zip(("pointmaps", "edgemaps"),
                          batch_targets(batch, definition, size, config.model.heatmap_size, device), strict=True))
 

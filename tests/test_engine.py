@@ -349,7 +349,7 @@ def test_train_step_applies_only_finite_steps():
     assert any(not torch.equal(a, p) for a, p in zip(ema_before, ema.module.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("extra", [[], ["--original-style"]])
+@pytest.mark.parametrize("extra", [[], ["--original-style"], ["--targets", "worker"]])
 def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     from staralign.cli import main
     from staralign.engine import step
@@ -363,7 +363,8 @@ def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     assert status == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "train" and result["images_per_s"] > 0
-    assert result["options"]["original_style"] == bool(extra)
+    assert result["options"]["original_style"] == ("--original-style" in extra)
+    assert result["options"]["targets"] == ("worker" if "worker" in extra else "device")
     assert len(calls) == 3  # warm-up and timed steps all go through the trainer's step
 
 
