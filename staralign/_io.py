@@ -27,7 +27,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WriteError", "atomic_path", "atomic_write", "avoid_inputs", "finite_json", "is_temporary", "same_file"]
+__all__ = ["FileProblem", "WriteError", "atomic_path", "atomic_write", "avoid_inputs", "finite_json", "is_temporary",
+           "same_file"]
 
 
 # errno values a user fixes by freeing space, choosing another folder or fixing permissions.
@@ -36,7 +37,13 @@ _DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EPERM: "operation not permitted"}
 
 
-class WriteError(OSError):
+class FileProblem(OSError):
+    """A file the user must fix or replace (an unreadable image, a disk that is full): the
+    message is one line naming the file.  The command line prints any of these without a
+    traceback (:func:`staralign.cli.user_message`), whichever package raised it."""
+
+
+class WriteError(FileProblem):
     """A file could not be written for a reason the user can fix (full or read-only disk,
     permissions); the message is one line naming the file."""
 

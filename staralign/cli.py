@@ -45,6 +45,32 @@ class UserError(Exception):
     """An error the user can fix (bad file, bad flag); printed without a traceback."""
 
 
+def user_message(exc: BaseException, folder: str | os.PathLike = ".") -> str | None:
+    """One line for an error the user, not the code, must fix -- or None (a bug: keep the traceback).
+
+    The one map from such errors to words, used by :func:`main` for every command and by the
+    trainer (:func:`staralign.engine.rundir.run_failure`, which adds where the run stands): a
+    disk that is full, read-only or not writable (:class:`~staralign._io.WriteError`, or an
+    ``OSError`` with such an errno; ``folder`` is named when the error names no file), a file the
+    user may not read, an image that cannot be read (every :class:`~staralign._io.FileProblem`).
+    """
+    import errno
+    from pathlib import Path
+
+    from ._io import FileProblem, _write_failure
+
+    if isinstance(exc, FileProblem):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        # Reading or writing: the file and the reason say enough.
+        return f"{exc.filename or 'a file'}: {exc.strerror or 'permission denied'}"
+    if isinstance(exc, OSError):
+        failure = _write_failure(Path(exc.filename or folder), exc)
+        if failure is not None:
+            return str(failure)
+    return None
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every command's help: descriptions keep their paragraphs and indented examples (each
     paragraph wrapped to the terminal), and each option's default follows its sentence -- unless
@@ -134,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a full or read-only disk, an unreadable image: one line (_failures.py)
-        from ._failures import user_message
-
+    except Exception as exc:  # a full or read-only disk, an unreadable image: one line (user_message)
         message = user_message(exc)
         if message is None or os.environ.get("STARALIGN_DEBUG"):
             raise

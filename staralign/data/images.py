@@ -18,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .._io import FileProblem
+
 __all__ = [
     "MAX_PIXELS",
     "MAX_SIDE",
@@ -41,7 +43,7 @@ MAX_SIDE = 20_000
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
-class ImageReadError(OSError):
+class ImageReadError(FileProblem):
     """An image is missing or cannot be decoded; names the file and the annotation row."""
 
     def __init__(self, path: str | os.PathLike, reason: str, source: str = "", line: int = 0) -> None:

@@ -24,7 +24,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .._io import WriteError, _write_failure, atomic_write, is_temporary
+from .._io import _write_failure, atomic_write, is_temporary
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "RunDirError", "RunFailure", "RunLock", "holds_run", "prepare_new_run",
            "remove_stale_temporaries", "run_failure", "start_run", "truncate_metrics"]
@@ -235,29 +235,27 @@ def run_failure(exc: BaseException, run_dir: str | os.PathLike) -> RunFailure | 
     """``exc`` as one line a user can act on, or None when it is not such an error (a bug:
     the traceback is wanted).  Covers images that cannot be read (also when a loader worker
     raised it), disks that are full, read-only or not writable, and torch saves cut short."""
+    from ..cli import user_message
     from ..data.images import ImageReadError
 
     run_dir = Path(run_dir)
     if isinstance(exc, RunFailure):
         return exc
-    what = None
+    fix_row = "; fix or remove that row (staralign data check lists every problem)"
     if isinstance(exc, ImageReadError):
-        what = f"{exc}; fix or remove that row (staralign data check lists every problem)"
-    elif isinstance(exc, WriteError):
-        what = str(exc)
-    elif isinstance(exc, OSError) and _write_failure(Path(exc.filename or run_dir), exc) is not None:
-        what = str(_write_failure(Path(exc.filename or run_dir), exc))
+        what = f"{exc}{fix_row}"
     elif isinstance(exc, RuntimeError) and "Caught ImageReadError" in str(exc):
         # A loader worker's error arrives as text: its last line is the ImageReadError's message.
         last = [x for x in str(exc).splitlines() if x.strip()][-1]
-        what = last.split("ImageReadError: ", 1)[-1] + "; fix or remove that row (staralign data check lists " \
-            "every problem)"
+        what = last.split("ImageReadError: ", 1)[-1] + fix_row
     elif isinstance(exc, RuntimeError) and str(exc).startswith("Error(s) in loading state_dict"):
         return RunFailure(f"{run_dir / 'train_state.pt'}: its weights do not fit the model in "
                           f"{run_dir / 'config.yaml'} (was it copied from another run?); restore the run's own "
                           "state or start a new run with --out")
     elif isinstance(exc, RuntimeError) and _write_failure(run_dir / "train_state.pt", exc) is not None:
         what = str(_write_failure(run_dir / "train_state.pt", exc))
+    else:  # a full, read-only or forbidden disk: the words every command uses
+        what = user_message(exc, run_dir)
     if what is None:
         return None
     return RunFailure(f"training stopped: {what}. {_last_checkpoint(run_dir)}")
