@@ -71,7 +71,8 @@ note "targets_gpu"
 python3 - >> "$LOG" 2>>"$OUT/suite.log" <<'PYEOF'
 import json, os, time, numpy as np, torch
 from staralign.definitions import get_definition
-from staralign.data.targets import point_maps, edge_maps, point_maps_torch, edge_maps_torch
+from staralign.data.targets.points import point_maps, point_maps_torch
+from staralign.data.targets.edges import edge_maps, edge_maps_torch
 dev = os.environ.get("DEVICE", "cuda")
 d = get_definition("WFLW"); g = torch.Generator().manual_seed(0)
 base = torch.rand(98, 2, generator=g) * 0.5 + 0.25

@@ -425,7 +425,8 @@ def _stage_profile(dataset, count: int) -> dict[str, float]:
     import torch
 
     from .data.dataset import sample_rng
-    from .data.targets import edge_maps, point_maps
+    from .data.targets.edges import edge_maps
+    from .data.targets.points import point_maps
     from .data.transforms import apply_texture, image_to_tensor, normalize_points, transform_points, warp_image
 
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
@@ -472,7 +473,8 @@ def bench_data(args) -> dict:
     import torch
 
     from .data.dataset import LandmarkDataset
-    from .data.targets import edge_maps_torch, point_maps_torch
+    from .data.targets.edges import edge_maps_torch
+    from .data.targets.points import point_maps_torch
     from .definitions import get_definition
 
     if args.images < 1 or args.workers < 0 or args.batch_size < 1:

@@ -21,7 +21,8 @@ from staralign.data.dataset import (
     worker_init_fn,
 )
 from staralign.data.images import ImageReadError, read_image
-from staralign.data.targets import edge_maps, point_maps, point_maps_torch
+from staralign.data.targets.edges import edge_maps
+from staralign.data.targets.points import point_maps, point_maps_torch
 from staralign.data.transforms import (
     GeometryAugment,
     TextureAugment,

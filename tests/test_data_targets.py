@@ -12,17 +12,9 @@ import torch
 import torch.nn.functional as F
 from scipy import interpolate
 
-from staralign.data.targets import (
-    CurvePlan,
-    _covered,
-    _segment_geometry,
-    edge_maps,
-    edge_maps_torch,
-    fit_edge_curve,
-    fit_edge_curve_torch,
-    point_maps,
-    point_maps_torch,
-)
+from staralign.data.targets.edges import _covered, _segment_geometry, edge_maps, edge_maps_torch
+from staralign.data.targets.points import point_maps, point_maps_torch
+from staralign.data.targets.splines import CurvePlan, fit_edge_curve
 from staralign.definitions import LandmarkDefinition, get_definition
 
 from .conftest import load_reference
@@ -85,6 +77,12 @@ def _augmented(points: np.ndarray, rng: np.random.Generator, kind: str) -> np.nd
     elif kind == "outside":
         q = q * 2.5 - 200
     return q.astype(np.float32)
+
+
+def _fit_edge_curve_torch(points: torch.Tensor, closed: bool) -> torch.Tensor:
+    """The batched spline fit of one edge, (B, n, 2) -> (B, m, 2): the device path
+    (``CurvePlan.curves_torch``) for a definition with that single edge."""
+    return CurvePlan(((tuple(range(points.shape[1])), closed),)).curves_torch(points)
 
 
 # --------------------------------------------------------------------------- reference values
@@ -196,7 +194,7 @@ def test_spline_equals_splprep(closed):
             got = fit_edge_curve(pts, closed)
             assert got.shape == want.shape, (n, closed)
             assert np.abs(got - want).max() < 1e-8, (n, closed)
-            got_t = fit_edge_curve_torch(torch.from_numpy(pts)[None], closed)[0].numpy()
+            got_t = _fit_edge_curve_torch(torch.from_numpy(pts)[None], closed)[0].numpy()
             assert np.abs(got_t[:len(want)] - want).max() < 1e-8
 
 
@@ -208,7 +206,7 @@ def test_spline_failures_give_raw_points():
     assert np.array_equal(fit_edge_curve(closed, True), closed)
     batch = torch.from_numpy(np.stack([pts, pts + 1]))
     batch[1, 2] += 3  # the second sample fits
-    out = fit_edge_curve_torch(batch, False)
+    out = _fit_edge_curve_torch(batch, False)
     assert torch.equal(out[0, :5], batch[0]) and torch.equal(out[0, 5:], batch[0, -1:].expand(out.shape[1] - 5, 2))
     assert torch.allclose(out[1], torch.from_numpy(_splprep_curve(batch[1].numpy(), False)))
 

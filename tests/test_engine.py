@@ -349,6 +349,7 @@ def test_train_step_applies_only_finite_steps():
     assert any(not torch.equal(a, p) for a, p in zip(ema_before, ema.module.parameters(), strict=True))
 
 
+@pytest.mark.slow  # `staralign bench train` end to end, three times: ~17 s on the shared 2-core VM
 @pytest.mark.parametrize("extra", [[], ["--original-style"], ["--targets", "worker"]])
 def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     from staralign.cli import main
@@ -368,6 +369,7 @@ def test_bench_train_times_the_trainers_step(extra, monkeypatch, capsys):
     assert len(calls) == 3  # warm-up and timed steps all go through the trainer's step
 
 
+@pytest.mark.slow  # `staralign bench train --profile` end to end: ~5 s on the shared 2-core VM
 def test_bench_train_profile_reports_the_step_it_profiles(monkeypatch, capsys):
     from staralign.cli import main
     from staralign.engine import step

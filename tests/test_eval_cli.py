@@ -158,6 +158,7 @@ def test_300w_reports_common_challenge_full(data, tmp_path, capsys):
     assert [line.split()[0] for line in out.splitlines()[4:]] == ["common", "challenge", "full"]
 
 
+@pytest.mark.slow  # the full-size network tested twice with flip test: ~7 s on the shared 2-core VM
 def test_official_checkpoint_end_to_end(tmp_path, capsys):
     pkl = reference_path("wflw_random.pkl")
     data = make_synth(tmp_path / "synth", faces=2, seed=3)

@@ -32,6 +32,7 @@ SMALL = {
 }
 
 
+@pytest.mark.slow  # the demo end to end (draw, train, evaluate, report): ~3-5 s on the shared 2-core VM
 def test_demo_end_to_end_writes_its_report(tmp_path):
     result = run_demo(tmp_path, minutes=5, train=24, test=8, workers=0, quiet=True, overrides=SMALL)
     report = tmp_path / "report"
@@ -75,6 +76,7 @@ def test_demo_refuses_a_budget_too_small_before_drawing(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # two trainings, evaluation and a resumed rerun: ~5 s on the shared 2-core VM
 def test_ambiguity_experiment_runs_reports_and_resumes_without_redoing_work(tmp_path):
     kw = dict(sigma=0.05, train=16, test=6, epochs=1, methods=("star", "l2"), workers=0, overrides=SMALL,
               quiet=True)
@@ -197,6 +199,7 @@ def test_demo_out_starts_clean_or_refuses(tmp_path):
     assert sorted(prepare_out(demo)) == ["data", "report"]
 
 
+@pytest.mark.slow  # two demos end to end: ~4-5 s on the shared 2-core VM
 def test_demo_ending_mid_epoch_still_evaluates_and_reports(tmp_path, capsys):
     """A budget spent after one step (tiny budget, no waiting): validated, saved, evaluated, reported;
     a second demo into the same folder starts clean."""

@@ -228,6 +228,7 @@ def test_coordinate_losses_see_float32_coordinates_under_bf16():
     torch.testing.assert_close(coords, soft_argmax(heat.float()), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~30 s on 2 cores unless its cache already holds this graph
 def test_compiled_star_matches_eager_reference():
     # torch.compile fuses STAR's many small kernels (7x faster on an H200); it must not
     # change the numbers.

@@ -135,6 +135,7 @@ def test_a_full_disk_is_one_line_naming_the_file(data, tmp_path, capsys, monkeyp
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 
 
+@pytest.mark.slow  # a training run and two predictions end to end: ~11 s on the shared 2-core VM
 def test_a_read_only_disk_is_one_line_in_train_and_predict(data, tmp_path, capsys, monkeypatch):
     real_write_bytes = Path.write_bytes
 

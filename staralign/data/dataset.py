@@ -54,7 +54,8 @@ from ..config import TARGET_PLACEMENTS
 from ..definitions import LandmarkDefinition, get_definition
 from .annotations import Annotation, AnnotationError, AnnotationFile, read_annotations, resolve_image_path
 from .images import read_image
-from .targets import edge_maps, point_maps
+from .targets.edges import edge_maps
+from .targets.points import point_maps
 from .transforms import (
     GeometryAugment,
     TextureAugment,

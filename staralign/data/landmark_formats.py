@@ -48,7 +48,6 @@ __all__ = [
     "WFLW_TO_300W",
     "conversion_matrix",
     "convert_landmarks",
-    "one_to_one_points",
     "register_conversion",
 ]
 
@@ -125,12 +124,6 @@ def conversion_matrix(src: str = "WFLW", dst: str = "300W") -> np.ndarray:
         m.setflags(write=False)
         _MATRICES[key] = m
     return _MATRICES[key]
-
-
-def one_to_one_points(src: str = "WFLW", dst: str = "300W") -> dict[int, int]:
-    """Destination -> source index for the points copied unchanged (weight 1)."""
-    _, table = CONVERSIONS[(src.upper(), dst.upper())]
-    return {i: row[0][0] for i, row in enumerate(table) if len(row) == 1 and row[0][1] == 1.0}
 
 
 def convert_landmarks(points: ArrayLike, src: str = "WFLW", dst: str = "300W") -> ArrayLike:

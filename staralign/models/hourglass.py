@@ -49,11 +49,6 @@ class StarOutput(NamedTuple):
     pointmaps: tuple[Tensor, ...]  # per stack (B, N, H/4, W/4)
     edgemaps: tuple[Tensor, ...]  # per stack (B, E, H/4, W/4)
 
-    @property
-    def landmarks_per_stack(self) -> tuple[Tensor, ...]:
-        """Soft-argmax of every returned stack's fused heatmaps (for deep supervision, analysis)."""
-        return tuple(soft_argmax(h) for h in self.heatmaps)
-
 
 class StackedHourglassNet(nn.Module):
     """STAR's stacked hourglass for one landmark definition.

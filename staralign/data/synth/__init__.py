@@ -13,7 +13,7 @@ Public API (imported lazily, so ``from staralign.data.synth import add_arguments
 does not load OpenCV)::
 
     render_face(params_or_rng, size) -> (image BGR uint8, landmarks (98, 2), info)
-    sample_params(rng) -> FaceParams        neutral_params(params) -> FaceParams
+    sample_params(rng) -> FaceParams
     generate_dataset(out_dir, train=, test=, ambiguity=, seed=, size=, workers=)
     make_sample(seed, split, index, size, ambiguity) -> (image, labels, info)
     add_arguments(parser) / run(args)       (``staralign data synth``)
@@ -40,7 +40,6 @@ _EXPORTS = {
     "FaceParams": ".params",
     "Occluder": ".params",
     "face_tags": ".params",
-    "neutral_params": ".params",
     "sample_params": ".params",
     "render_face": ".render",
 }

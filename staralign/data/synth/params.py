@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "CLUTTER_KINDS",
     "FaceParams",
     "OCCLUDER_KINDS",
     "Occluder",
     "TAG_THRESHOLDS",
     "face_tags",
-    "neutral_params",
     "sample_params",
 ]
 
@@ -31,7 +29,6 @@ Color = tuple[int, int, int]  # BGR
 
 OPEN_MAX = 0.13  # canonical mouth opening at mouth_open == 1
 OCCLUDER_KINDS = ("ellipse", "rect", "blob", "bar", "stripes", "sunglasses", "facemask")
-CLUTTER_KINDS = ("rect", "circle", "line", "poly")
 
 # Thresholds that turn generator parameters into the six WFLW attribute tags
 # (documented in docs/synthetic.md; tests check the tags against them).
@@ -161,18 +158,6 @@ class FaceParams:
     occluders: tuple[Occluder, ...] = field(default_factory=tuple)
     # --- unimportant detail (background clutter, hair strands, pixel noise)
     detail_seed: int = 0
-
-
-def neutral_params(params: FaceParams) -> FaceParams:
-    """The same face without lighting, blur, noise or occluders: the pure drawn colours.
-
-    Tests use it to check that landmarks sit on features of known colour.
-    """
-    from dataclasses import replace
-
-    return replace(params, light_strength=0.0, brightness=1.0, contrast=1.0,
-                   tint=(1.0, 1.0, 1.0), shading=0.0, blur=0.0, motion_blur=False, noise=0.0,
-                   occluders=())
 
 
 # --------------------------------------------------------------------------- sampling
