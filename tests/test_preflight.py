@@ -5,6 +5,7 @@ to do and the last complete checkpoint, with a non-zero exit and no traceback.""
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def test_an_image_that_breaks_mid_run_is_one_line_with_the_last_checkpoint(data,
     assert status != 0
     assert "not a readable image" in line and any(str(v) in line for v in victims), line
     assert "train_state.pt (epoch 1, step 0)" in line and f"--resume {run}" in line
+    # The failed run's loader workers are gone now, not whenever the garbage collector runs.
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("Process")], \
+        multiprocessing.active_children()
     for v, content in originals.items():
         v.write_bytes(content)
     monkeypatch.setenv("STARALIGN_DEBUG", "1")  # the traceback, when asked for

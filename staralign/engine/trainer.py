@@ -79,6 +79,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     rt, oc = config.runtime, config.optim
     lock = RunLock(run_dir)
     anomaly_before = torch.is_anomaly_enabled()
+    loaders = None
     try:
         definition, has_state = _set_up(config, run_dir, env, lock, resume, changes, overwrite)
         loaders = build_loaders(config, definition, env)
@@ -146,6 +147,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
         log.error("%s", failure)
         raise failure from exc
     finally:
+        if loaders is not None:
+            loaders.close()
         lock.release()
         torch.autograd.set_detect_anomaly(anomaly_before)
         distributed.teardown()
