@@ -60,7 +60,7 @@ from .._io import atomic_path
 from .onnx_backend import METADATA_KEY
 
 __all__ = ["NME_WARN_POINTS", "QUANT_FORMATS", "QUANT_OPS", "QuantizationReport", "batchnorm_as_depthwise_conv",
-           "folder_crops", "head_conv_nodes", "quantize_onnx", "synthetic_crops", "tail_nodes"]
+           "constant_nodes", "folder_crops", "head_conv_nodes", "quantize_onnx", "synthetic_crops", "tail_nodes"]
 
 QUANT_FORMATS = ("qdq", "qoperator")
 # Operator sets for ``ops``: None quantises every operator onnxruntime can.
@@ -228,7 +228,7 @@ def tail_nodes(model: Any, outputs: Iterable[str] = ("landmarks",)) -> list[str]
     return list(found)
 
 
-def _constant_nodes(model: Any) -> list[str]:
+def constant_nodes(model: Any) -> list[str]:
     """Nodes whose inputs are all constants (the CoordConv grid): onnxruntime folds them at load."""
     known = {i.name for i in model.graph.initializer} | {""}
     names = []
@@ -391,7 +391,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         q = Path(tmp) / "int8.onnx"
-        constant = _constant_nodes(proto) if ops != "conv" else []  # folded at load: nothing to gain
+        constant = constant_nodes(proto) if ops != "conv" else []  # folded at load: nothing to gain
         skip = list(dict.fromkeys([*excluded, *tail, *constant]))
         with _quiet_quantizer():
             quantize_static(
