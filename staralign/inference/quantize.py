@@ -85,7 +85,7 @@ class QuantizationReport:
     ops: str = "body"  # the operator set (QUANT_OPS)
     op_types: list[str] | None = None  # quantised operators (None: all onnxruntime can)
     fp32_nodes: list[str] = field(default_factory=list)  # convolutions kept in float32 (heads, exclude)
-    float_tail: int = 0  # nodes after the last stack's heads left in float32 (0 with ops="all")
+    float_tail: int = 0  # nodes after the last stack's heads left in float32 (ops="body" only)
     batchnorms_as_conv: int = 0  # batch norms rewritten as depthwise 1x1 convolutions to run in int8
     calibration: str = ""
     calibration_crops: int = 0
