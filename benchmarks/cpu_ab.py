@@ -4,6 +4,15 @@ Usage (from the repository root)::
 
     python benchmarks/cpu_ab.py --weights MODEL.safetensors --onnx fp32=A.onnx int8=B.onnx ... \
         [--rounds 5] [--iters 3] [--out result.json]
+    python benchmarks/cpu_ab.py --make-onnx DIR [--spin] [--out result.json]
+
+``--make-onnx DIR`` exports the model into DIR (once; later runs reuse the files)
+as float32 (``fp32``), int8 with today's default operator set (``int8_body``: the
+network body in int8, the soft-argmax tail float32) and the earlier default
+(``int8_conv``: convolutions only), and times them with any ``--onnx`` files.
+``--spin`` adds each ONNX file at the resolved thread count with onnxruntime's
+spin-waiting on (its own default; staralign turns it off for shared machines):
+on an idle machine it shows what spinning would buy.
 
 Without ``--weights`` a randomly initialised paper-size network (4 stacks, 256
 channels, 256 px, WFLW) is used.  The baseline is the original network's forward
@@ -37,6 +46,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bf16", action="store_true", help="also time PyTorch bf16 autocast + channels-last")
+    p.add_argument("--make-onnx", metavar="DIR", default=None,
+                   help="export fp32, int8_body and int8_conv files of the model into DIR (reused if there)")
+    p.add_argument("--calibration-crops", type=int, default=16,
+                   help="synthetic calibration faces for --make-onnx's int8 files (speed does not depend on them)")
+    p.add_argument("--spin", action="store_true", help="also time each ONNX file with spin-waiting threads")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -64,6 +78,10 @@ def main() -> None:
     x = torch.from_numpy(x_np)
     gflop = network_gflop(model.config, model.definition)
 
+    onnx_files = [spec.split("=", 1) for spec in args.onnx]
+    if args.make_onnx:
+        onnx_files = _make_onnx(model, Path(args.make_onnx), args.calibration_crops) + onnx_files
+
     paths: dict[str, tuple[int, object]] = {}  # name -> (torch threads or 0, callable)
 
     def torch_eager(threads):
@@ -83,14 +101,14 @@ def main() -> None:
         for t in sorted({choice.threads, 1}):
             paths[f"torch_bf16_cl_{t}thread"] = (t, bf16)
     gflops = {}
-    for spec in args.onnx:
-        name, file = spec.split("=", 1)
+    for name, file in onnx_files:
         meta = json.loads(ort.InferenceSession(file, providers=["CPUExecutionProvider"])
                           .get_modelmeta().custom_metadata_map["staralign"])
         stacks = meta.get("stacks")
-        for t in sorted({choice.threads, 1}):
-            backend = OnnxBackend(file, threads=t)  # staralign's session settings (no spinning)
-            key = f"onnx_{name}_{t}thread"
+        runs = [(t, False) for t in sorted({choice.threads, 1})] + ([(choice.threads, True)] if args.spin else [])
+        for t, spin in runs:
+            backend = OnnxBackend(file, threads=t, spin=spin)  # staralign's session settings (no spinning)
+            key = f"onnx_{name}_{t}thread{'_spinning' if spin else ''}"
             paths[key] = (0, lambda b=backend: b.run(x_np, ambiguity=False))
             gflops[key] = network_gflop(model.config, model.definition, stacks)
 
@@ -108,7 +126,9 @@ def main() -> None:
             samples[name].append((time.perf_counter() - t0) * 1000 / args.iters)
     base = samples["torch_fp32_original"]
     one = samples["torch_fp32_1thread"]
-    out = {"machine": os.uname().nodename, "cpus": choice, "torch_default_threads": default_threads,
+    out = {"machine": os.uname().nodename, "cpu_model": _cpu_model(), "onnxruntime": ort.__version__,
+           "torch": torch.__version__, "cpus": choice, "torch_default_threads": default_threads,
+           "onnx_files": {name: str(file) for name, file in onnx_files},
            "load_average_per_round": loads, "rounds": args.rounds, "iters": args.iters,
            "model": {"weights": args.weights or "random paper-size", "nstack": model.config.nstack,
                      "channels": model.config.channels, "input_size": size}, "paths": {}}
@@ -124,6 +144,39 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _make_onnx(model, folder: Path, crops: int) -> list[list[str]]:
+    """fp32, int8_body and int8_conv exports of ``model`` in ``folder`` (made once, then reused)."""
+    from staralign.inference.export import export_onnx
+    from staralign.inference.quantize import quantize_onnx, synthetic_crops
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = int(model.config.input_size)
+    fp32 = folder / "fp32.onnx"
+    if not fp32.exists():
+        report = export_onnx(model, fp32)
+        if not report.passed:
+            raise SystemExit(f"{fp32}: onnxruntime differs from PyTorch by {report.max_difference:.2e}")
+    files = [["fp32", str(fp32)]]
+    for ops in ("body", "conv"):
+        out = folder / f"int8_{ops}.onnx"
+        if not out.exists():
+            cal, _ = synthetic_crops(crops, size, seed=0)
+            held, labels = synthetic_crops(8, size, seed=1)
+            quantize_onnx(fp32, out, cal, held, labels=labels, ops=ops)
+        files.append([f"int8_{ops}", str(out)])
+    return files
 
 
 if __name__ == "__main__":

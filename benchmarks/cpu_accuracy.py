@@ -68,10 +68,12 @@ def main() -> None:
 
     cal, _ = synthetic_crops(64, size, seed=0)
     held, labels = synthetic_crops(32, size, seed=1)
-    variants = {"int8_qdq_per_channel": {}, "int8_qdq_per_tensor": {"per_channel": False},
-                "int8_qoperator_per_channel": {"quant_format": "qoperator"},
-                "int8_qdq_heads_fp32": {"keep_heads_fp32": True},
-                "int8_qdq_all_ops": {"op_types": None}}
+    default = "int8_body_qdq_per_channel"  # staralign export --quantize int8
+    variants = {default: {}, "int8_conv_qdq_per_channel": {"ops": "conv"},  # the earlier default
+                "int8_body_qdq_per_tensor": {"per_channel": False},
+                "int8_body_qoperator_per_channel": {"quant_format": "qoperator"},
+                "int8_body_qdq_heads_fp32": {"keep_heads_fp32": True},
+                "int8_all_qdq_per_channel": {"ops": "all"}}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(1, model.config.nstack + 1):
             f = Path(tmp) / f"fp32_k{k}.onnx"
@@ -81,7 +83,7 @@ def main() -> None:
             got = OnnxBackend(f).run(images, ambiguity=False)[0].astype(np.float64)
             rows[f"onnx_fp32{tag}"] = {"nme": score(got), "nme_between": score(got, fp32)}
             for name, kw in variants.items():
-                if tag and name != "int8_qdq_per_channel":
+                if tag and name != default:
                     continue
                 q = Path(tmp) / f"{name}{tag}.onnx"
                 report = quantize_onnx(f, q, cal, held, labels=labels, **kw)

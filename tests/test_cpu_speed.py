@@ -151,6 +151,8 @@ def test_int8_export_round_trip_with_accuracy_check(int8_export):
     backend = OnnxBackend(out)
     q = backend.quantization
     assert q["mode"] == "int8" and q["held_out_crops"] == 32 and q["calibration_crops"] == 64
+    assert q["ops"] == "body" and q["float_tail"] > 0 and q["batchnorms_as_conv"] > 0  # today's default
+    assert "network body in int8, soft-argmax tail float32" in int8_export["text"]
     text = int8_export["text"]
     assert f"max {q['max_px']:.3f} px" in text and f"mean {q['mean_px']:.3f} px" in text
     # The stored check is what the file does: recompute it against PyTorch float32 on the
@@ -172,7 +174,7 @@ def test_int8_export_round_trip_with_accuracy_check(int8_export):
 def test_keep_heads_fp32_finds_the_last_output_convolutions(int8_export, tmp_path):
     import onnx
 
-    from staralign.inference.quantize import head_conv_nodes, quantize_onnx, synthetic_crops
+    from staralign.inference.quantize import head_conv_nodes, quantize_onnx, synthetic_crops, tail_nodes
 
     fp32 = tmp_path / "fp32.onnx"
     rc, _ = run_cli(["export", "--weights", str(int8_export["weights"]), "--onnx", str(fp32),
@@ -191,8 +193,92 @@ def test_keep_heads_fp32_finds_the_last_output_convolutions(int8_export, tmp_pat
                            quant_format="qoperator")
     q = onnx.load(str(tmp_path / "q.onnx"))
     assert sorted(report.fp32_nodes) == sorted(heads)
-    assert {n.name for n in q.graph.node if n.op_type == "Conv"} == set(heads)  # the rest are QLinearConv
+    # The rest are QLinearConv, but for the fixed 0/1 edge-to-point spread behind the heads: it is
+    # in the float32 tail of the default operator set.
+    tail_convs = {n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in tail_nodes(proto)}
+    assert len(tail_convs) == 1
+    assert {n.name for n in q.graph.node if n.op_type == "Conv"} == set(heads) | tail_convs
     assert report.nme_fp32 is not None and report.nme_int8 is not None
+
+
+def _fp32_export(int8_export, tmp_path) -> Path:
+    fp32 = tmp_path / "fp32.onnx"
+    rc, text = run_cli(["export", "--weights", str(int8_export["weights"]), "--onnx", str(fp32),
+                        "--exporter", "torchscript", "--dynamic-batch", "--with-ambiguity"])
+    assert rc == 0, text
+    return fp32
+
+
+@pytest_onnx
+def test_batchnorm_as_depthwise_conv_computes_the_same(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from staralign.inference.export import export_onnx
+    from staralign.inference.quantize import batchnorm_as_depthwise_conv
+
+    model = tiny(nstack=2)
+    g = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        # trained-looking statistics: a fresh model's are the identity (mean 0, var 1, scale 1)
+        c = bn.num_features
+        bn.weight.data = torch.rand(c, generator=g) * 3 - 1.5  # negative scales too
+        bn.bias.data = torch.rand(c, generator=g) * 2 - 1
+        bn.running_mean = torch.rand(c, generator=g) * 2 - 1
+        bn.running_var = torch.rand(c, generator=g) * 3 + 0.2
+    before = tmp_path / "bn.onnx"
+    export_onnx(model, before, exporter="torchscript", dynamic_batch=True, with_ambiguity=True)
+    proto = onnx.load(str(before))
+    norms = sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    assert norms > 0  # the pre-activation batch norms of the residual blocks
+    assert batchnorm_as_depthwise_conv(proto) == norms
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    after = tmp_path / "dw.onnx"
+    onnx.save(proto, str(after))
+    x = faces_input(3).numpy()
+    want, got = (ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+                 for f in (before, after))
+    assert np.abs(want[0] - got[0]).max() < 1e-5  # landmarks
+    assert np.abs(want[1] - got[1]).max() < 1e-5  # covariances
+    with torch.inference_mode():  # and the statistics really moved the output
+        plain = tiny(nstack=2)(torch.from_numpy(x), all_stacks=False).landmarks.numpy()
+    assert np.abs(plain - got[0]).max() > 1e-3
+
+
+@pytest_onnx
+def test_default_int8_keeps_the_tail_float_and_the_body_int8(int8_export, tmp_path):
+    import onnx
+
+    from staralign.inference.quantize import quantize_onnx, synthetic_crops, tail_nodes
+
+    fp32 = _fp32_export(int8_export, tmp_path)
+    proto = onnx.load(str(fp32))
+    tail = set(tail_nodes(proto))
+    tail_ops = {n.op_type for n in proto.graph.node if n.name in tail}
+    # the attention product and the soft-argmax (sums and the division), and the moments
+    assert {"Mul", "ReduceSum", "Div", "InstanceNormalization", "Sigmoid"} <= tail_ops
+    cal, _ = synthetic_crops(4, 64, seed=0)
+    held, labels = synthetic_crops(4, 64, seed=1)
+    out = tmp_path / "q.onnx"
+    report = quantize_onnx(fp32, out, cal, held, labels=labels)
+    assert report.ops == "body" and report.float_tail == len(tail)
+    q = onnx.load(str(out))
+    consumers: dict[str, list[str]] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    quantised = {n.name for n in q.graph.node if any(c == "QuantizeLinear" for o in n.output
+                                                       for c in consumers.get(o, []))}
+    assert not tail & quantised  # nothing after the heads is rounded to int8
+    body_adds = [n.name for n in proto.graph.node if n.op_type == "Add" and n.name not in tail
+                 and n.name in {m.name for m in q.graph.node}]
+    assert body_adds and set(body_adds) <= quantised  # the residual sums stay int8 between convolutions
+    assert not any(n.op_type == "BatchNormalization" for n in q.graph.node)
+    conv_only = quantize_onnx(fp32, tmp_path / "c.onnx", cal, held, labels=labels, ops="conv")
+    assert conv_only.float_tail == 0 and conv_only.batchnorms_as_conv == 0
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(tmp_path / "c.onnx")).graph.node) > 0
+    with pytest.raises(ValueError, match="ops must be one of"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", cal, held, ops="everything")
 
 
 def test_int8_warning_names_the_cost():

@@ -93,8 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder of face crops to calibrate int8 ranges on (default: synthetic faces)")
     e.add_argument("--quant-format", choices=("qdq", "qoperator"), default="qdq",
                    help="int8 graph form: QuantizeLinear/DequantizeLinear pairs (qdq) or QLinearConv (qoperator)")
-    e.add_argument("--quant-ops", choices=("conv", "all"), default="conv",
-                   help="quantise the convolutions only, or every operator onnxruntime can (adds, resizes too)")
+    e.add_argument("--quant-ops", choices=("body", "conv", "all"), default="body",
+                   help="int8 operators: the network body (convolutions and the operators between them; "
+                        "the soft-argmax tail stays float32), the convolutions only, or all (costs accuracy)")
     e.add_argument("--keep-heads-fp32", action="store_true",
                    help="keep the last stack's output convolutions in float32 (when int8 costs too much accuracy)")
     e.set_defaults(func=run_export)
@@ -442,10 +443,10 @@ def _quantize(args: argparse.Namespace, fp32_path: Path, out: Path, calibration:
     try:
         q = quantize_onnx(fp32_path, out, calibration, held_out, labels=labels, calibration_source=source,
                           quant_format=args.quant_format, keep_heads_fp32=args.keep_heads_fp32,
-                          op_types=("Conv",) if args.quant_ops == "conv" else None)
+                          ops=args.quant_ops)
     except Exception as exc:  # onnxruntime.quantization raises many types
         raise UserError(f"{args.weights}: int8 quantisation failed ({type(exc).__name__}: {exc})") from exc
-    print(f"wrote {out} (int8, {q.quant_format}, {'convolutions' if q.op_types else 'all operators'}, "
+    print(f"wrote {out} (int8, {q.quant_format}, {q.ops_text}, "
           f"per-channel weights, calibrated on {source}"
           f"{', last heads float32' if q.fp32_nodes else ''})")
     truth = ("" if q.nme_fp32 is None else

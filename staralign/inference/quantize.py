@@ -16,19 +16,40 @@ model's; where the held-out crops have exact labels (synthetic faces of a WFLW
 model), the true NME of both is given too.  The check is stored in the file's
 ``staralign`` metadata under ``quantization`` and printed by ``staralign export``.
 
-What is quantised: the convolutions (QDQ format by default, per-channel weight
-scales, uint8 activations and int8 weights, the fast pair on x86).  Instance
-norm, the sigmoids, the attention product and the soft-argmax stay float32;
+What is quantised (``ops``, QDQ format by default, per-channel weight scales,
+uint8 activations and int8 weights, the fast pair on x86):
+
+* ``"body"`` (the default): the convolutions and every operator between them
+  (ReLU, the residual additions, max-pooling, the nearest upsampling, the
+  CoordConv concatenations), so that one int8 convolution feeds the next without
+  a round trip through float32 and onnxruntime's NHWC layout needs no transposes
+  in between.  The pre-activation batch norms, which cannot be folded into a
+  neighbouring convolution (their input is also the residual shortcut), are first
+  rewritten as the per-channel 1x1 (depthwise) convolutions they are
+  (:func:`batchnorm_as_depthwise_conv`, exact), so that they run in int8 too.
+  The *tail* -- everything downstream of the last stack's output heads: instance
+  norm, the sigmoids, the attention product and the soft-argmax, and the
+  covariance outputs -- stays float32 (:func:`tail_nodes`).  A sensitivity pass on
+  the trained demo model found the cost there: quantising the attention product
+  (``Mul``) or the soft-argmax's sums and division costs 1-3 NME points, while the
+  whole body costs nothing measurable (docs/benchmarks.md).
+* ``"conv"``: the convolutions only (the default before; slower: every
+  convolution converts its input from float32 and its output back).
+* ``"all"``: every operator onnxruntime can quantise, the tail included (fast,
+  but costs NME points: the export check says so).
+
 ``keep_heads_fp32`` also keeps the last stack's 1x1 output heads in float32
 (they feed the soft-argmax directly, where an int8 step is a landmark shift).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +59,16 @@ import numpy as np
 from .._io import atomic_path
 from .onnx_backend import METADATA_KEY
 
-__all__ = ["NME_WARN_POINTS", "QUANT_FORMATS", "QuantizationReport", "folder_crops", "head_conv_nodes",
-           "quantize_onnx", "synthetic_crops"]
+__all__ = ["NME_WARN_POINTS", "QUANT_FORMATS", "QUANT_OPS", "QuantizationReport", "batchnorm_as_depthwise_conv",
+           "constant_nodes", "folder_crops", "head_conv_nodes", "quantize_onnx", "synthetic_crops", "tail_nodes"]
 
 QUANT_FORMATS = ("qdq", "qoperator")
+# Operator sets for ``ops``: None quantises every operator onnxruntime can.
+QUANT_OPS: dict[str, tuple[str, ...] | None] = {
+    "body": ("Conv", "Relu", "Add", "MaxPool", "Resize", "Concat"),
+    "conv": ("Conv",),
+    "all": None,
+}
 NME_WARN_POINTS = 0.1  # NME points (percent of the normalising distance) above which int8 is flagged
 CROP_PX = 256  # landmark differences are reported in pixels of a crop this size
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -55,8 +82,11 @@ class QuantizationReport:
     mode: str = "int8"
     quant_format: str = "qdq"
     per_channel: bool = True
+    ops: str = "body"  # the operator set (QUANT_OPS)
     op_types: list[str] | None = None  # quantised operators (None: all onnxruntime can)
-    fp32_nodes: list[str] = field(default_factory=list)  # convolutions kept in float32
+    fp32_nodes: list[str] = field(default_factory=list)  # convolutions kept in float32 (heads, exclude)
+    float_tail: int = 0  # nodes after the last stack's heads left in float32 (ops="body" only)
+    batchnorms_as_conv: int = 0  # batch norms rewritten as depthwise 1x1 convolutions to run in int8
     calibration: str = ""
     calibration_crops: int = 0
     held_out_crops: int = 0
@@ -81,6 +111,12 @@ class QuantizationReport:
         kind = "NME" if self.nme_fp32 is not None else "an NME bound"
         return (f"int8 costs {kind} of {self.nme_cost:.3f} points against float32 on {self.held_out_crops} "
                 f"held-out crops (more than {NME_WARN_POINTS}): check it on your data, or use the float32 file")
+
+    @property
+    def ops_text(self) -> str:
+        """What runs in int8, in words for the export output."""
+        return {"body": "network body in int8, soft-argmax tail float32", "conv": "convolutions only",
+                "all": "all operators"}[self.ops]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -169,6 +205,111 @@ def head_conv_nodes(model: Any, outputs: Iterable[str] = ("landmarks",)) -> list
     return list(found)
 
 
+def tail_nodes(model: Any, outputs: Iterable[str] = ("landmarks",)) -> list[str]:
+    """Names of the nodes downstream of the last stack's heads (:func:`head_conv_nodes`).
+
+    That is the part of the graph after the last learned convolution: instance norm,
+    sigmoids, the fixed edge-to-point spread, the attention product, the soft-argmax
+    and (with ``--with-ambiguity``) the heatmap moments.  Its values feed the
+    landmarks directly, so an int8 step there is a landmark shift.
+    """
+    heads = set(head_conv_nodes(model, outputs))
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: dict[str, None] = {}
+    todo = [o for n in model.graph.node if n.name in heads for o in n.output]
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            if node.name not in found:
+                found[node.name] = None
+                todo.extend(node.output)
+    return list(found)
+
+
+def constant_nodes(model: Any) -> list[str]:
+    """Nodes whose inputs are all constants (the CoordConv grid): onnxruntime folds them at load."""
+    known = {i.name for i in model.graph.initializer} | {""}
+    names = []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if all(i in known for i in node.input):
+            known.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def _constant_arrays(model: Any) -> dict[str, np.ndarray]:
+    """Initializers, ``Constant`` outputs and ``Identity`` copies of either (the TorchScript exporter
+    shares equal buffers, e.g. a fresh batch norm's mean and bias, through ``Identity``), by name."""
+    from onnx import numpy_helper
+
+    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            arrays[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
+    return arrays
+
+
+def batchnorm_as_depthwise_conv(model: Any) -> int:
+    """Rewrite each inference ``BatchNormalization`` on a 4-d map as the 1x1 depthwise ``Conv``
+    it computes (weight ``scale / sqrt(var + eps)``, bias ``B - mean * weight``), in place.
+
+    Why: onnxruntime has no int8 batch norm, so each pre-activation batch norm of
+    the residual blocks would leave int8 between two convolutions (dequantise, batch
+    norm, quantise, and the layout transposes around them); as a convolution it is
+    quantised like the others -- one scale a channel, held exactly by a per-channel
+    int8 weight -- and the ReLU after it folds into its output range.  The float32
+    result is the same up to rounding.  Returns the number of nodes rewritten.
+    """
+    from onnx import helper, numpy_helper, shape_inference
+
+    constants = _constant_arrays(model)
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {v.name: v.type.tensor_type.shape for v in [*inferred.value_info, *inferred.input]}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        params = list(node.input[1:5])
+        shape = shapes.get(node.input[0]) if node.input else None
+        rank = len(shape.dim) if shape is not None else None
+        if (node.op_type != "BatchNormalization" or len(node.output) != 1 or len(params) != 4
+                or not all(p in constants for p in params) or rank != 4):
+            nodes.append(node)
+            continue
+        scale, bias, mean, var = (constants[p].astype(np.float64) for p in params)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        weight = scale / np.sqrt(var + eps)
+        base = node.name or f"batchnorm_{count}"
+        w = numpy_helper.from_array(weight.astype(np.float32).reshape(-1, 1, 1, 1), f"{base}.depthwise_weight")
+        b = numpy_helper.from_array((bias - mean * weight).astype(np.float32), f"{base}.depthwise_bias")
+        model.graph.initializer.extend([w, b])
+        nodes.append(helper.make_node("Conv", [node.input[0], w.name, b.name], list(node.output),
+                                      name=f"{base}.depthwise", group=len(weight), kernel_shape=[1, 1]))
+        count += 1
+    if count:
+        used = {i for n in nodes for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
+
+
+def _name_nodes(model: Any) -> None:
+    """Give every unnamed node a unique name: exclusion lists address nodes by name."""
+    used = {n.name for n in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
 class _Reader:
     """onnxruntime's calibration reader protocol over an array of crops, one at a time."""
 
@@ -198,18 +339,30 @@ def _nme_percent(pred: np.ndarray, ref: np.ndarray, definition: Any) -> float:
     return float((np.linalg.norm(pred - ref, axis=-1).mean(1) / np.maximum(d, 1e-9)).mean() * 100)
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantiser logs a warning for each rank-1 tensor it cannot split per channel
+    (e.g. a batch norm's scale with ``ops="all"``) on the root logger: noise in the export output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
                   held_out: np.ndarray, *, labels: np.ndarray | None = None, calibration_source: str = "",
                   quant_format: str = "qdq", per_channel: bool = True, keep_heads_fp32: bool = False,
                   exclude: Sequence[str] = (), threads: int | None = None,
-                  op_types: Sequence[str] | None = ("Conv",)) -> QuantizationReport:
+                  ops: str = "body") -> QuantizationReport:
     """Write the int8 version of ``fp32_path`` to ``out_path`` (atomically) and check it.
 
     ``calibration``/``held_out``: network inputs (B, 3, S, S); ``labels``: exact
     normalised landmarks of ``held_out`` in the model's layout, if known.  The
     check's results go into the output file's metadata and the returned report.
-    ``op_types``: the operators to quantise (None: every one onnxruntime can, which
-    keeps the additions, concatenations and resizes between convolutions in int8 too).
+    ``ops``: which operators run in int8 (:data:`QUANT_OPS`; see the module text).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -217,6 +370,9 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     from .onnx_backend import OnnxBackend
 
+    if ops not in QUANT_OPS:
+        raise ValueError(f"ops must be one of {', '.join(QUANT_OPS)}, got {ops!r}")
+    op_types = QUANT_OPS[ops]
     if quant_format not in QUANT_FORMATS:
         raise ValueError(f"quant_format must be one of {', '.join(QUANT_FORMATS)}, got {quant_format!r}")
     if len(calibration) < 1 or len(held_out) < 1:
@@ -224,22 +380,31 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     fp32 = OnnxBackend(fp32_path, threads=threads)
     proto = onnx.load(str(fp32_path))
+    _name_nodes(proto)
     fixed = fp32.fixed_batch
     excluded = list(dict.fromkeys([*exclude, *(head_conv_nodes(proto) if keep_heads_fp32 else [])]))
+    tail = tail_nodes(proto) if ops == "body" else []  # "conv" is the earlier default, as it was
+    folded = batchnorm_as_depthwise_conv(proto) if ops != "conv" else 0
     with tempfile.TemporaryDirectory(prefix="staralign-quant-") as tmp:
+        source = Path(tmp) / "fp32.onnx"
+        onnx.save(proto, str(source))
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         q = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(pre), str(q), _Reader(fp32.input_name, calibration, fixed or 1),
-            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=list(op_types) if op_types else None, per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded or None, calibrate_method=CalibrationMethod.MinMax,
-        )
+        constant = constant_nodes(proto) if ops != "conv" else []  # folded at load: nothing to gain
+        skip = list(dict.fromkeys([*excluded, *tail, *constant]))
+        with _quiet_quantizer():
+            quantize_static(
+                str(pre), str(q), _Reader(fp32.input_name, calibration, fixed or 1),
+                quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+                op_types_to_quantize=list(op_types) if op_types else None, per_channel=per_channel,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=skip or None, calibrate_method=CalibrationMethod.MinMax,
+            )
         report = QuantizationReport(str(out_path), quant_format=quant_format, per_channel=per_channel,
-                                    op_types=list(op_types) if op_types else None,
-                                    fp32_nodes=excluded, calibration=calibration_source,
+                                    ops=ops, op_types=list(op_types) if op_types else None,
+                                    fp32_nodes=excluded, float_tail=len(tail), batchnorms_as_conv=folded,
+                                    calibration=calibration_source,
                                     calibration_crops=len(calibration), held_out_crops=len(held_out))
         want = fp32.run(held_out, ambiguity=False)[0].astype(np.float64)  # the session opened above
         got = _run(q, held_out, threads)
