@@ -45,7 +45,7 @@ def main() -> None:
 
     import onnx
 
-    from staralign.engine.evaluator import load_test_set
+    from staralign.data.testsets import load_test_set
     from staralign.inference.export import export_onnx
     from staralign.inference.onnx_backend import OnnxBackend
     from staralign.inference.quantize import (
