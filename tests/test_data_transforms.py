@@ -14,7 +14,6 @@ from staralign.data.transforms import (
     crop_to_image,
     denormalize_points,
     flip_matrix,
-    flip_pixel_landmarks_np,
     image_to_tensor,
     invert_affine,
     mirror_matrix,
@@ -42,6 +41,14 @@ def test_crop_puts_the_face_centre_in_the_middle():
     # 300 px of face (scale 1.5) span the 256 px crop.
     a, b = transform_points(np.array([[171.0, 123.0], [471.0, 123.0]]), m)
     assert b[0] - a[0] == pytest.approx(256.0, abs=1e-3)
+
+
+def flip_pixel_landmarks_np(points: np.ndarray, width: int, definition) -> np.ndarray:
+    """The original's landmark flip, written out (the oracle for flip_matrix and the pairs):
+    (N, 2) image-pixel landmarks of a ``width``-wide image, pairs swapped, x -> w + offset - x."""
+    out = np.asarray(points)[definition.flip_permutation()].copy()
+    out[:, 0] = width + definition.flip_x_offset - out[:, 0]
+    return out
 
 
 @pytest.mark.parametrize("name", ["WFLW", "300W", "COFW"])

@@ -43,7 +43,6 @@ from ..crop import (  # the crop convention's home; re-exported here for trainin
     denormalize_points,
     normalize_points,
 )
-from ..definitions import LandmarkDefinition
 
 __all__ = [
     "FACE_SIZE",
@@ -55,7 +54,6 @@ __all__ = [
     "crop_to_image",
     "denormalize_points",
     "flip_matrix",
-    "flip_pixel_landmarks_np",
     "image_to_tensor",
     "network_input",
     "normalize_image",
@@ -109,16 +107,6 @@ def flip_matrix(width: int, x_offset: int) -> np.ndarray:
 def mirror_matrix(width: int) -> np.ndarray:
     """(3, 3) map of the image mirror (pixel ``x -> width - 1 - x``)."""
     return flip_matrix(width, -1)
-
-
-def flip_pixel_landmarks_np(points: np.ndarray, width: int, definition: LandmarkDefinition) -> np.ndarray:
-    """Mirror (N, 2) landmarks in the pixels of a ``width``-wide image: pairs swap, x -> w + offset - x.
-
-    (Landmarks in normalised crop coordinates flip with
-    :func:`staralign.engine.evaluator.flip_normalized_landmarks_torch`.)"""
-    out = np.asarray(points)[definition.flip_permutation()].copy()
-    out[:, 0] = width + definition.flip_x_offset - out[:, 0]
-    return out
 
 
 def transform_points(points: ArrayLike, matrix: ArrayLike) -> ArrayLike:

@@ -58,7 +58,7 @@ CPU_MICRO_BATCH = 16
 def flip_normalized_landmarks_torch(landmarks: torch.Tensor, definition: LandmarkDefinition) -> torch.Tensor:
     """Landmarks (..., N, 2) predicted on a horizontally mirrored crop, in normalised crop
     coordinates, mapped back to the crop (the image-pixel numpy flip is
-    :func:`staralign.data.transforms.flip_pixel_landmarks_np`).
+    :func:`staralign.data.transforms.flip_matrix`).
 
     In normalised align-corners=False coordinates a mirror is exactly ``x -> -x``;
     the flip pairs then swap left and right points.
