@@ -25,6 +25,20 @@ from pathlib import Path
 import numpy as np
 
 
+def trained_model_and_test_faces(weights: str, data: str):
+    """(float32 model in eval mode, its test crops (B, 3, S, S) float32, their normalised
+    landmarks (B, N, 2) float64): what every accuracy script here scores against."""
+    from staralign.data.testsets import load_test_set
+    from staralign.models import load_model
+
+    model = load_model(weights).float().eval()
+    definition, size = model.definition, int(model.config.input_size)
+    ds = load_test_set(definition, data, data).dataset(definition, size)
+    images = np.stack([ds[i]["image"].numpy() for i in range(len(ds))]).astype(np.float32)
+    gt = np.stack([ds[i]["landmarks"].numpy() for i in range(len(ds))]).astype(np.float64)
+    return model, images, gt
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True)
@@ -34,20 +48,14 @@ def main() -> None:
 
     import torch
 
-    from staralign.data.testsets import load_test_set
     from staralign.inference.export import export_onnx
     from staralign.inference.onnx_backend import OnnxBackend
     from staralign.inference.quantize import quantize_onnx, synthetic_crops
     from staralign.metrics import nme
-    from staralign.models import load_model
     from staralign.models.speed import make_inference_fn
 
-    model = load_model(args.weights).float().eval()
+    model, images, gt = trained_model_and_test_faces(args.weights, args.data)
     definition, size = model.definition, int(model.config.input_size)
-    test = load_test_set(definition, args.data, args.data)
-    ds = test.dataset(definition, size)
-    images = np.stack([ds[i]["image"].numpy() for i in range(len(ds))]).astype(np.float32)
-    gt = np.stack([ds[i]["landmarks"].numpy() for i in range(len(ds))]).astype(np.float64)
     x = torch.from_numpy(images)
 
     def score(pred: np.ndarray, ref: np.ndarray | None = None) -> float:
@@ -94,7 +102,7 @@ def main() -> None:
                                                                "nme_int8", "nme_cost", "warning")}}
     for row in rows.values():
         row["vs_fp32"] = row["nme"] - rows["torch_fp32"]["nme"]
-    out = {"weights": args.weights, "test_faces": len(ds), "definition": definition.name,
+    out = {"weights": args.weights, "test_faces": len(images), "definition": definition.name,
            "nstack": model.config.nstack, "input_size": size, "rows": rows}
     text = json.dumps(out, indent=1)
     print(text)

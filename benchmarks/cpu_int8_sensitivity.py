@@ -44,8 +44,8 @@ def main() -> None:
     args = p.parse_args()
 
     import onnx
+    from cpu_accuracy import trained_model_and_test_faces  # this folder's sibling script
 
-    from staralign.data.testsets import load_test_set
     from staralign.inference.export import export_onnx
     from staralign.inference.onnx_backend import OnnxBackend
     from staralign.inference.quantize import (
@@ -58,13 +58,9 @@ def main() -> None:
         tail_nodes,
     )
     from staralign.metrics import nme
-    from staralign.models import load_model
 
-    model = load_model(args.weights).float().eval()
+    model, images, gt = trained_model_and_test_faces(args.weights, args.data)
     definition, size = model.definition, int(model.config.input_size)
-    ds = load_test_set(definition, args.data, args.data).dataset(definition, size)
-    images = np.stack([ds[i]["image"].numpy() for i in range(len(ds))]).astype(np.float32)
-    gt = np.stack([ds[i]["landmarks"].numpy() for i in range(len(ds))]).astype(np.float64)
 
     def score(pred: np.ndarray, ref: np.ndarray = gt) -> float:
         return float(nme(pred, ref, definition).mean() * 100)
@@ -110,7 +106,7 @@ def main() -> None:
             print(f"{name:30s} NME {rows[name]['nme']:.3f} cost {rows[name]['cost']:+.3f} "
                   f"between {rows[name]['between']:.3f} max {px.max():6.2f} px mean {px.mean():.3f} px "
                   f"check {report.nme_cost:+.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = {"weights": args.weights, "test_faces": len(ds), "fp32_onnx_nme": base,
+    out = {"weights": args.weights, "test_faces": len(images), "fp32_onnx_nme": base,
            "groups": {g: len(m) for g, m in groups.items()}, "rows": rows}
     text = json.dumps(out, indent=1)
     if args.out:
