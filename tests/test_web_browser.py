@@ -32,7 +32,7 @@ from staralign.config import ModelConfig
 from staralign.data.synth import render_face
 from staralign.models import build_model, save_model
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real Chromium: ~6 s with its start
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

@@ -235,6 +235,7 @@ def answer_of(s: socket.socket) -> int | None:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
 
 
+@pytest.mark.slow  # waits out the server's stall deadlines: ~5 s
 def test_stalled_uploads_cannot_hold_the_server(detector):
     """The issue's attack: 66 clients send headers and 3 bytes of a 100 kB body, then wait."""
     guard = GuardSettings(uploads_per_client=8, body_idle_s=5.0, body_deadline_s=10.0)
