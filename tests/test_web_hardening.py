@@ -511,3 +511,22 @@ def test_the_worker_waits_only_for_announced_callers():
             waited = time.monotonic() - start
             assert late.result(5)[0][0, 0] == 1.0 and early[0][0, 0] == 2.0
     assert calls == [1, 2] and 0.2 < waited < 2.0
+
+
+def test_a_client_that_leaves_mid_upload_is_a_400_not_a_crash():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from staralign.web.uploads import ApiError, read_upload
+
+    messages = [{"type": "http.request", "body": b"\x89PNG\r\n", "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/landmarks", "query_string": b"",
+             "headers": [(b"content-type", b"image/png")]}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(read_upload(Request(scope, receive), 10_000))
+    assert (err.value.status, err.value.code) == (400, "client_disconnected")

@@ -44,11 +44,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from .guard import CSP, Guard, GuardSettings
 from .images import ACCEPTED_TYPES, HeaderError, describe_unsupported, image_size, sniff_type
-from .uploads import ApiError, read_upload
+from .uploads import ApiError, read_upload, request_timing
 
 if TYPE_CHECKING:
     from ..inference.detector import LandmarkDetector
@@ -190,10 +189,6 @@ def _layout_dict(definition: Any) -> dict[str, Any]:
 WEB_DETECTORS = ("yunet", "opencv", "none")
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 2)
-
-
 class LandmarkService:
     """One detector shared by all requests: validates and decodes images, batches their crops.
 
@@ -263,6 +258,12 @@ class LandmarkService:
             "max_batch": self.max_batch,
             "accepted_types": list(ACCEPTED_TYPES.values()),
         }
+
+    def check_format(self, fmt: str) -> None:
+        """422 unless ``fmt`` is a layout this model can answer in (``?format=``)."""
+        if fmt not in self.layouts:
+            raise ApiError(422, "bad_format", f"format={fmt!r} is not available for this model; "
+                                              f"choose from {', '.join(self.layouts)}")
 
     def check(self, data: bytes) -> tuple[str, int, int]:
         """Type by magic bytes (415), size from the header (400 if corrupt, 413 if too large)."""
@@ -509,22 +510,15 @@ def create_app(detector: LandmarkDetector, *, weights_name: str = "model", limit
         ``image/*`` Content-Type.  No face found is a 200 with an empty ``faces`` list.
         """
         start = time.perf_counter()
-        if format not in service.layouts:
-            raise ApiError(422, "bad_format", f"format={format!r} is not available for this model; "
-                                              f"choose from {', '.join(service.layouts)}")
+        service.check_format(format)
         face_box = _parse_box(box)
         if detector is not None and detector not in WEB_DETECTORS:
             raise ApiError(422, "bad_detector", f"detector={detector!r}: choose from {', '.join(WEB_DETECTORS)}")
-        try:
-            upload = await read_upload(request, service.limits.max_upload_bytes)
-        except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client went away during the upload") from None
+        upload = await read_upload(request, service.limits.max_upload_bytes)
         read = time.perf_counter()
         report, spent = await run_in_threadpool(service.run, upload.data, upload.filename, ambiguity, format,
                                                 face_box, detector)
-        report["timing"] = {"read_ms": _ms(read - start), "decode_ms": _ms(spent["decode"]),
-                            "wait_ms": _ms(spent["wait"]), "inference_ms": _ms(spent["inference"]),
-                            "total_ms": _ms(time.perf_counter() - start)}
+        report["timing"] = request_timing(start, read, spent, time.perf_counter())
         return JSONResponse(report)
 
     from .streams import add_track_route

@@ -24,11 +24,10 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from ..inference.smoothing import SMOOTHERS
 from ..inference.video import DEFAULT_SMOOTH
-from .uploads import ApiError, read_upload
+from .uploads import ApiError, read_upload, request_timing
 
 __all__ = ["StreamTrackers", "add_track_route"]
 
@@ -109,20 +108,12 @@ def add_track_route(app: FastAPI, service: Any) -> StreamTrackers:
             raise ApiError(422, "bad_time", f"t={t}: the frame's time must be a finite number of seconds")
         if smooth not in SMOOTHERS:
             raise ApiError(422, "bad_smooth", f"smooth={smooth!r}; choose from {', '.join(SMOOTHERS)}")
-        if format not in service.layouts:
-            raise ApiError(422, "bad_format", f"format={format!r} is not available for this model; "
-                                              f"choose from {', '.join(service.layouts)}")
-        try:
-            upload = await read_upload(request, service.limits.max_upload_bytes)
-        except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client went away during the upload") from None
+        service.check_format(format)
+        upload = await read_upload(request, service.limits.max_upload_bytes)
         read = time.perf_counter()
         report, spent = await run_in_threadpool(streams.run, upload.data, upload.filename, stream, smooth,
                                                 ambiguity, format, t)
-        ms = lambda s: round(s * 1000.0, 2)  # noqa: E731
-        report["timing"] = {"read_ms": ms(read - start), "decode_ms": ms(spent["decode"]),
-                            "wait_ms": ms(spent["wait"]), "inference_ms": ms(spent["inference"]),
-                            "total_ms": ms(time.perf_counter() - start)}
+        report["timing"] = request_timing(start, read, spent, time.perf_counter())
         return JSONResponse(report)
 
     return streams

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-__all__ = ["MULTIPART_SLACK", "ApiError", "Upload", "read_upload"]
+__all__ = ["MULTIPART_SLACK", "ApiError", "Upload", "read_upload", "request_timing"]
 
 # Room for multipart boundaries and part headers on top of the image's own limit.
 MULTIPART_SLACK = 64 * 1024
@@ -162,7 +162,8 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     """The image bytes of a request: multipart field ``file`` or a raw ``image/*`` body.
 
     Raises :class:`ApiError`: 413 past ``max_bytes`` (declared or counted), 415 for
-    other content types, 400 for an empty or malformed body.  Nothing touches disk.
+    other content types, 400 for an empty or malformed body or a client that went away
+    mid-upload.  Nothing touches disk.
     """
     media, params = _parse_options(request.headers.get("content-type", ""))
     multipart = media == "multipart/form-data"
@@ -186,14 +187,17 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
             raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary parameter")
         form = _MultipartFile(boundary, max_bytes)
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > body_limit:  # stop reading: the rest of the body is never pulled in
-            raise _too_large(max_bytes, "the upload")
-        if form is not None:
-            form.write(chunk)
-        else:
-            raw.extend(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > body_limit:  # stop reading: the rest of the body is never pulled in
+                raise _too_large(max_bytes, "the upload")
+            if form is not None:
+                form.write(chunk)
+            else:
+                raw.extend(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away during the upload") from None
     if form is not None:
         form.finish()
         data, name, ctype = bytes(form.data or b""), form.filename, form.content_type
@@ -203,3 +207,14 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     if not data:
         raise ApiError(400, "empty_upload", "the uploaded image is empty")
     return Upload(data, name, ctype)
+
+
+def request_timing(start: float, read: float, spent: dict[str, float], end: float) -> dict[str, float]:
+    """The ``timing`` of an answer, in milliseconds: reading the upload (``start`` to ``read``,
+    ``time.perf_counter`` values), then decoding, waiting for the network and running it
+    (``spent``, seconds), and the whole request (``start`` to ``end``)."""
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000.0, 2)
+
+    return {"read_ms": ms(read - start), "decode_ms": ms(spent["decode"]), "wait_ms": ms(spent["wait"]),
+            "inference_ms": ms(spent["inference"]), "total_ms": ms(end - start)}
