@@ -594,3 +594,18 @@ def test_serve_is_a_command(weights, tmp_path, monkeypatch, capsys):
 def test_loopback_names():
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2", "app.localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
+
+
+def test_serve_names_the_face_detector_it_really_uses(weights, tmp_path, monkeypatch, capsys):
+    """Without the YuNet file (offline, empty cache), the startup line says the Haar cascade runs."""
+    import uvicorn
+
+    monkeypatch.setenv("STARALIGN_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("STARALIGN_OFFLINE", "1")
+    served: list = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(sockets))
+    assert main(["serve", "--weights", str(weights), "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert "Haar face detector (opencv)" in out.err
+    assert "detector opencv)" in out.out and "detector yunet" not in out.out
+    served[0][0].close()

@@ -120,6 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..hub import resolve_weights
     from ..inference.detector import LandmarkDetector
     from ..inference.faces import FaceDetectorError
+    from ..inference.report import face_detector_name
     from .app import Limits, create_app
 
     args.weights = str(resolve_weights(args.weights))  # a name is fetched into the cache once
@@ -151,7 +152,8 @@ def run_serve(args: argparse.Namespace) -> int:
     backend = det.backend
     device = getattr(backend, "device", None)
     print(f"staralign serve: {Path(args.weights).name} ({det.definition.name}, {det.definition.num_points} points, "
-          f"{backend.name}{'' if device is None else ' on ' + str(device)}, detector {args.detector})", flush=True)
+          f"{backend.name}{'' if device is None else ' on ' + str(device)}, detector {face_detector_name(det)})",
+          flush=True)  # the one in use: the Haar cascade when YuNet could not be had
     print(f"staralign serve: open {url}  (Ctrl+C to stop)", flush=True)
     if args.open:
         import threading
