@@ -4,6 +4,7 @@ errors as one line."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -52,10 +53,12 @@ def test_a_fifo_is_written_through_not_replaced(tmp_path):
     try:
         atomic_write(fifo, "hello")
     finally:
-        if t.is_alive():  # the old code never opened the FIFO: unblock the reader
-            with open(fifo, "wb") as fh:
-                fh.write(b"")
         t.join(timeout=10)
+        if t.is_alive():  # the old code never opened the FIFO: unblock the reader, still waiting to open it
+            # Non-blocking: a plain open would wait forever if the reader finished in between.
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(timeout=10)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO was replaced by a regular file"
     assert got == [b"hello"]
 
