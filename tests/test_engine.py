@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,15 @@ def tiny_config(data_dir: Path, **over) -> TrainConfig:
     return merge(cfg, over) if over else cfg
 
 
+def _open_files() -> list[str]:
+    """What this process holds open (Linux; empty elsewhere)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
     from staralign.data.synth import generate_dataset
@@ -66,6 +76,7 @@ def test_train_end_to_end_resume_and_evaluate(synth_data, tmp_path):
     cfg = tiny_config(synth_data, optim={"epochs": 3})
     result = train(cfg, run)
     assert result.epochs_done == 3
+    assert str(run / "train.log") not in _open_files(), "train.log still open after the run"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "train_state.pt", "last.safetensors",
                  "best.safetensors", "last_ema.safetensors"):
         assert (run / name).exists(), name

@@ -149,6 +149,7 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     finally:
         if loaders is not None:
             loaders.close()
+        _close_logging()
         lock.release()
         torch.autograd.set_detect_anomaly(anomaly_before)
         distributed.teardown()
@@ -199,12 +200,18 @@ def _set_up(config: TrainConfig, run_dir: Path, env: distributed.DistEnv, lock: 
     return definition, has_state
 
 
-def _setup_logging(run_dir: Path, is_main: bool) -> None:
-    log.setLevel(logging.INFO)
-    log.propagate = False
+def _close_logging() -> None:
+    """Detach and close the run's log handlers: train.log is not held open after the run, and
+    nothing logged later (another run, another command in the same process) lands in it."""
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    _close_logging()
     if not is_main:
         log.addHandler(logging.NullHandler())
         return
